@@ -1,0 +1,5 @@
+"""CLI for this stage (to be filled in)."""
+
+
+def register(subparsers):
+    pass
