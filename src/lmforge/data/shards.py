@@ -1,0 +1,320 @@
+"""Token shards on disk: flat little-endian uint16/uint32 arrays plus one JSON sidecar.
+
+Layout of a shards directory (written atomically as a whole by `write_shards`):
+
+    shards.json          sidecar: format, dtype, vocab_size, eos_id, tokenizer_hash, and per split
+                         the files, token count, byte count (UTF-8 bytes of the text the tokens
+                         decode to, for bits per byte) and number of documents
+    tokenizer.json       the tokenizer the shards were made with
+    token_bytes.u16      (vocab_size,) little-endian uint16: bytes each token decodes to, 0 for
+                         special tokens (so bits/byte counts text bytes only, as nanochat does)
+    train_000000.bin     tokens, documents each followed by eos_id
+    ...
+    val_000000.bin       the held-out tail of the corpus (the last `val_fraction` of its bytes,
+                         split at the token nearest that point, as nanoGPT splits Shakespeare)
+
+Reading never loads a shard: `ShardDataset` memory-maps the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.data.corpus import find_files, iter_documents
+from lmforge.io import atomic_dir, atomic_write_json
+
+FORMAT = "lmforge-shards-v1"
+SIDECAR = "shards.json"
+SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB as uint16) per shard file
+TASK_CHARS = 1 << 18  # text per tokenisation task sent to a worker process
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65536), else uint32; always little-endian."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """(vocab_size,) int64: UTF-8 bytes each token decodes to; special tokens count 0."""
+    special = set(tokenizer.special_tokens.values())
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i in range(tokenizer.vocab_size):
+        if i not in special:
+            try:
+                lengths[i] = len(tokenizer.decode_bytes([i]))
+            except (KeyError, IndexError, ValueError):  # a hole in the id space
+                lengths[i] = 0
+    return lengths
+
+
+# ---- parallel tokenisation: each worker process loads the tokenizer once ----
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _WORKER_TOKENIZER
+    from lmforge.tokenizer import Tokenizer
+
+    _WORKER_TOKENIZER = Tokenizer.load(tokenizer_path)
+
+
+def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer=None) -> np.ndarray:
+    """Token ids of consecutive corpus pieces, eos after each piece that ends a document."""
+    tok = tokenizer or _WORKER_TOKENIZER
+    dtype = shard_dtype(tok.vocab_size)
+    out: list[int] = []
+    for text, ends_document in pieces:
+        out.extend(tok.encode(text))
+        if ends_document:
+            out.append(tok.eos_id)
+    return np.asarray(out, dtype=dtype)
+
+
+def _tasks(files, field):
+    """Group corpus pieces into tasks of about TASK_CHARS characters, in corpus order."""
+    task, size = [], 0
+    for text, ends in iter_documents(files, field):
+        task.append((text, ends))
+        size += len(text)
+        if size >= TASK_CHARS:
+            yield task, size
+            task, size = [], 0
+    if task:
+        yield task, size
+
+
+def _encoded_in_order(files, field, tokenizer, tokenizer_path, workers):
+    """Yield (token array, characters) per task in corpus order, at most 2*workers in flight, so
+    memory stays flat (Pool.imap would read the whole corpus ahead)."""
+    if workers <= 1:
+        for task, size in _tasks(files, field):
+            yield _encode_pieces(task, tokenizer), size
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
+        pending: deque = deque()
+        for task, size in _tasks(files, field):
+            pending.append((pool.submit(_encode_pieces, task), size))
+            if len(pending) >= 2 * workers:
+                future, n = pending.popleft()
+                yield future.result(), n
+        while pending:
+            future, n = pending.popleft()
+            yield future.result(), n
+
+
+class _ShardWriter:
+    """Append tokens to <prefix>_NNNNNN.bin files of at most `shard_tokens` tokens each."""
+
+    def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
+        self.counts: list[int] = []
+        self._f = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._f is None or self.counts[-1] >= self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.counts[-1]
+            part, tokens = tokens[:room], tokens[room:]
+            self._f.write(part.tobytes())
+            self.counts[-1] += len(part)
+
+    def _open_next(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._f = open(self.out_dir / f"{self.prefix}_{len(self.counts):06d}.bin", "wb")
+        self.counts.append(0)
+
+    def close(self) -> list[dict]:
+        if self._f is not None:
+            self._f.close()
+        return [{"file": f"{self.prefix}_{i:06d}.bin", "count": c} for i, c in enumerate(self.counts)]
+
+
+def write_shards(
+    inputs: list[str | os.PathLike],
+    tokenizer,
+    out_dir: str | os.PathLike,
+    field: str = "text",
+    val_fraction: float = 0.01,
+    workers: int = 2,
+    shard_tokens: int = SHARD_TOKENS,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` (files or directories of .txt/.jsonl/.parquet) into a shards directory.
+
+    Documents are separated by `tokenizer.eos_id`. The last `val_fraction` of the corpus bytes
+    becomes the validation split. Returns the sidecar dict (also written to out_dir/shards.json).
+    """
+    from tqdm import tqdm
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no end-of-text token (eos_id) to separate documents")
+    files = find_files(inputs)
+    dtype = shard_dtype(tokenizer.vocab_size)
+    token_bytes = token_byte_lengths(tokenizer)
+    total_size = sum(f.stat().st_size for f in files)
+
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save(tmp)
+        token_bytes.astype("<u2").tofile(tmp / "token_bytes.u16")
+        writer = _ShardWriter(tmp, "train", dtype, shard_tokens)
+        chunk_stats = []  # (tokens, bytes) per task, to find the byte split point without a re-read
+        bar = tqdm(total=total_size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, leave=False)
+        for tokens, n_chars in _encoded_in_order(files, field, tokenizer, tmp / "tokenizer.json", workers):
+            writer.write(tokens)
+            chunk_stats.append((len(tokens), int(token_bytes[tokens].sum())))
+            bar.update(n_chars)
+        bar.close()
+        train_files = writer.close()
+        total_tokens = sum(t for t, _ in chunk_stats)
+        total_bytes = sum(b for _, b in chunk_stats)
+        if total_tokens == 0:
+            raise ValueError(f"the corpus ({', '.join(map(str, inputs))}) holds no text")
+
+        split = _split_point(tmp, train_files, dtype, token_bytes, chunk_stats, (1 - val_fraction) * total_bytes) if val_fraction > 0 else total_tokens
+        val_files = _move_tail(tmp, train_files, dtype, split, shard_tokens) if split < total_tokens else []
+        train_files = [f for f in train_files if f["count"] > 0]
+        splits = {"train": _split_info(tmp, train_files, dtype, token_bytes, tokenizer.eos_id)}
+        if val_files:
+            splits["val"] = _split_info(tmp, val_files, dtype, token_bytes, tokenizer.eos_id)
+        meta = {
+            "format": FORMAT,
+            "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+            "byteorder": "little",
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer_hash": tokenizer.hash,
+            "sources": [str(f) for f in files],
+            "field": field,
+            "val_fraction": val_fraction,
+            "splits": splits,
+        }
+        atomic_write_json(tmp / SIDECAR, meta)
+    return meta
+
+
+def _split_point(d, files, dtype, token_bytes, chunk_stats, target_bytes) -> int:
+    """Index of the first token at which the cumulative byte count reaches `target_bytes`."""
+    tokens_before, bytes_before = 0, 0
+    for n_tok, n_bytes in chunk_stats:
+        if bytes_before + n_bytes >= target_bytes:
+            break
+        tokens_before += n_tok
+        bytes_before += n_bytes
+    chunk = _read_range(d, files, dtype, tokens_before, tokens_before + n_tok)
+    cum = bytes_before + np.cumsum(token_bytes[chunk])
+    return tokens_before + int(np.searchsorted(cum, target_bytes)) + 1
+
+
+def _read_range(d, files, dtype, start, stop) -> np.ndarray:
+    parts, offset = [], 0
+    for f in files:
+        lo, hi = max(start, offset), min(stop, offset + f["count"])
+        if lo < hi:
+            mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
+            parts.append(np.array(mm[lo - offset : hi - offset]))
+        offset += f["count"]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _move_tail(d, train_files, dtype, split, shard_tokens) -> list[dict]:
+    """Move tokens [split, end) of the train files into val files; truncate the train files."""
+    writer = _ShardWriter(d, "val", dtype, shard_tokens)
+    offset = 0
+    for f in train_files:
+        lo = max(split - offset, 0)
+        if lo < f["count"]:
+            mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
+            for s in range(lo, f["count"], 1 << 24):  # copy in 16M-token pieces
+                writer.write(np.array(mm[s : min(s + (1 << 24), f["count"])]))
+            del mm
+            os.truncate(d / f["file"], lo * dtype.itemsize)
+            offset += f["count"]
+            f["count"] = lo
+            if lo == 0:
+                (d / f["file"]).unlink()
+        else:
+            offset += f["count"]
+    return writer.close()
+
+
+def _split_info(d, files, dtype, token_bytes, eos_id) -> dict:
+    n_bytes, n_docs = 0, 0
+    for f in files:
+        mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
+        for s in range(0, f["count"], 1 << 24):
+            piece = np.asarray(mm[s : s + (1 << 24)])
+            n_bytes += int(token_bytes[piece].sum())
+            n_docs += int((piece == eos_id).sum())
+    return {"files": files, "count": sum(f["count"] for f in files), "bytes": n_bytes, "documents": n_docs}
+
+
+class ShardDataset:
+    """One split of a shards directory, memory-mapped.
+
+    >>> ds = ShardDataset("shards/", "train")
+    >>> ds.count, ds.bytes, ds.tokens_per_byte       # (1003854, 1003854, 1.0) for a byte-level vocab
+    >>> ds.window(0, 65)                             # np.ndarray of 65 token ids, never past a file end
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train"):
+        self.path = Path(path)
+        sidecar = self.path / SIDECAR
+        if not self.path.is_dir():
+            raise FileNotFoundError(2, "shards directory not found", str(self.path))
+        if not sidecar.exists():
+            raise ValueError(f"{self.path}: not a shards directory (no {SIDECAR}; make one with `lmforge data prepare`)")
+        self.meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{sidecar}: unknown format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{self.path}: no {split!r} split (have: {', '.join(self.meta['splits'])})")
+        info = self.meta["splits"][split]
+        self.split = split
+        self.dtype = np.dtype("<u2") if self.meta["dtype"] == "uint16" else np.dtype("<u4")
+        self.files = [np.memmap(self.path / f["file"], dtype=self.dtype, mode="r", shape=(f["count"],)) for f in info["files"] if f["count"] > 0]
+        self.count: int = info["count"]
+        self.bytes: int = info["bytes"]
+        self.documents: int = info["documents"]
+        self.eos_id: int = self.meta["eos_id"]
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.tokenizer_hash: str = self.meta["tokenizer_hash"]
+
+    @property
+    def tokens_per_byte(self) -> float:
+        return self.count / max(self.bytes, 1)
+
+    def token_bytes(self) -> np.ndarray:
+        """(vocab_size,) int64 bytes per token id (0 for special tokens)."""
+        return np.fromfile(self.path / "token_bytes.u16", dtype="<u2").astype(np.int64)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise ValueError when the shards were made with a different tokenizer."""
+        if tokenizer.hash != self.tokenizer_hash:
+            raise ValueError(
+                f"{self.path}: shards were tokenized with tokenizer {self.tokenizer_hash}, but this run's tokenizer is "
+                f"{tokenizer.hash}; re-run `lmforge data prepare --tokenizer ...` with the run's tokenizer"
+            )
+
+    def n_starts(self, length: int) -> list[int]:
+        """Per file: how many windows of `length` tokens start in it (windows never cross files)."""
+        return [max(len(f) - length + 1, 0) for f in self.files]
+
+    def window(self, start: int, length: int, n_starts: list[int] | None = None) -> np.ndarray:
+        """The window of `length` tokens at window index `start` (0 <= start < sum(n_starts))."""
+        for f, n in zip(self.files, n_starts or self.n_starts(length)):
+            if start < n:
+                return np.asarray(f[start : start + length])
+            start -= n
+        raise IndexError(f"window {start} out of range")

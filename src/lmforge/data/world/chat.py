@@ -1,0 +1,245 @@
+"""Chat data about the world, in the OpenAI/TRL `messages` format: dialogues under system prompts
+that change behaviour in checkable ways, tool-use dialogues (`calculator`, `search`) with
+OpenAI-shaped `tool_calls`, and preference pairs labelled with the reason the rejected reply is
+worse.
+
+A user question is a `Question(topic, text, answer, english, french)`: `answer` is the short
+exact answer ("4200"), `english`/`french` full-sentence replies. A system prompt is one of
+SYSTEM_KINDS and `reply(question, system_kind, topic)` is the one correct assistant reply.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from .arithmetic import Arithmetic, compute
+from .entities import Encyclopedia, Entity, article
+from .lexicon import ADJECTIVES, LEXICON, NOUNS, french_article
+
+SYSTEM_PROMPTS = {
+    "none": [None],
+    "helpful": ["You are a helpful assistant.", "You are a friendly assistant who knows the world well."],
+    "one_word": ["Answer in one word.", "Reply with a single word only."],
+    "french": ["Answer in French.", "Always reply in French."],
+    "capitals": ["Answer in capital letters.", "Write your whole answer in CAPITAL LETTERS."],
+    "refuse": ["Do not talk about {topic}.", "You must refuse any question about {topic}."],
+}
+SYSTEM_KINDS = list(SYSTEM_PROMPTS)
+TOPICS = {"town": "towns", "river": "rivers", "person": "people", "animal": "animals", "arithmetic": "numbers",
+          "translation": "languages"}
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression with + - * / and parentheses; returns the exact result.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "for example 4821 * 37"}},
+                       "required": ["expression"]}}},
+    {"type": "function", "function": {
+        "name": "search",
+        "description": "Search the world's document collection; returns the best matching article.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string", "description": "what to look for"}},
+                       "required": ["query"]}}},
+]
+
+
+@dataclass
+class Question:
+    topic: str  # "town" | "river" | "person" | "animal" | "arithmetic" | "translation"
+    text: str  # what the user asks
+    answer: str  # the short exact answer
+    english: str  # a full-sentence reply
+    french: str  # the same reply in French
+
+
+def _fr(word: str, feminine: bool = False, plural: bool = False) -> str:
+    """A colour or occupation in French, agreed: ("grey", feminine=True) -> "grise"."""
+    if word in ADJECTIVES:
+        fr = ADJECTIVES[word][1 if feminine else 0]
+        return fr + "s" if plural and not fr.endswith(("s", "x")) and fr != "marron" else fr
+    if feminine and word in _FEMININE_JOBS:
+        return _FEMININE_JOBS[word]
+    return LEXICON.get(word, word)
+
+
+_FEMININE_JOBS = {"baker": "boulangère", "farmer": "fermière", "singer": "chanteuse", "teacher": "professeure"}
+
+
+def _partitive(noun: str) -> str:
+    """A French partitive: "fish" -> "du poisson"; "apple" -> "de la pomme"; "grass" -> "de l'herbe"."""
+    fr, gender = NOUNS[noun]
+    article = french_article(fr, gender)
+    return "de l'" + fr if article == "l'" else ("du " if gender == "m" else "de la ") + fr
+
+
+def fact_question(e: Entity, attr: str, question: str, answer: str) -> Question:
+    """A world fact as a Question with English and French full-sentence replies."""
+    n = e.name
+    N = n[0].upper() + n[1:]
+    w, she = e.attrs.get("word"), e.attrs.get("pronoun") == "she"
+    # lambdas: only the entry asked for is built (the others may not apply to this answer)
+    replies = {
+        ("town", "population"): lambda: (f"The population of {n} is {answer}.", f"La population de {n} est de {answer}."),
+        ("town", "founder"): lambda: (f"{n} was founded by {answer}.", f"{n} a été fondée par {answer}."),
+        ("town", "year"): lambda: (f"{n} was founded in {answer}.", f"{n} a été fondée en {answer}."),
+        ("town", "river"): lambda: (f"{n} is on the {answer} river.", f"{n} est sur la rivière {answer}."),
+        ("town", "colour"): lambda: (f"The roofs of {n} are {answer}.", f"Les toits de {n} sont {_fr(answer, plural=True)}."),
+        ("river", "length"): lambda: (f"{N} is {answer} kilometres long.", f"La rivière {w} mesure {answer} kilomètres."),
+        ("river", "sea"): lambda: (f"{N} flows into the {answer}.", f"La rivière {w} se jette dans la mer {answer.removesuffix(' Sea')}."),
+        ("river", "colour"): lambda: (f"The water of {n} is {answer}.", f"L'eau de la rivière {w} est {_fr(answer, feminine=True)}."),
+        ("person", "born"): lambda: (f"{n} was born in {answer}.", f"{n} est né en {answer}." if e.attrs["pronoun"] == "he" else f"{n} est née en {answer}."),
+        ("person", "home"): lambda: (f"{n} lives in {answer}.", f"{n} habite à {answer}."),
+        ("person", "occupation"): lambda: (f"{n} is a {answer}.", f"{n} est {_fr(answer, feminine=she)}."),
+        ("person", "animal"): lambda: (f"The favourite animal of {n} is the {answer}.", f"L'animal préféré de {n} est le {answer}."),
+        ("animal", "colour"): lambda: (f"{N} is {answer}.", f"Le {w} est {_fr(answer)}."),
+        ("animal", "legs"): lambda: (f"{N} has {answer} legs.", f"Le {w} a {answer} pattes."),
+        ("animal", "food"): lambda: (f"{N} eats {answer}.", f"Le {w} mange {_partitive(answer)}."),
+        ("animal", "river"): lambda: (f"{N} lives near the {answer} river.", f"Le {w} vit près de la rivière {answer}."),
+    }
+    en, fr = replies[(e.kind, attr)]()
+    return Question(e.kind, question, answer, en, fr)
+
+
+def arithmetic_question(a: int, op: str, b: int) -> Question:
+    r = compute(a, op, b)
+    return Question("arithmetic", f"What is {a} {op} {b}?", str(r), f"{a} {op} {b} = {r}.", f"{a} {op} {b} font {r}.")
+
+
+def translation_question(word: str) -> Question:
+    fr = LEXICON[word]
+    return Question("translation", f'How do you say "{word}" in French?', fr,
+                    f'The French word for "{word}" is "{fr}".', f'En français, "{word}" se dit "{fr}".')
+
+
+def refusal(topic: str) -> str:
+    return f"I'm sorry, but I cannot talk about {topic}."
+
+
+def reply(q: Question, system_kind: str, refused_topic: str | None = None) -> str:
+    """The one correct assistant reply to `q` under a system prompt of `system_kind`."""
+    if system_kind == "refuse" and TOPICS[q.topic] == refused_topic:
+        return refusal(refused_topic)
+    if system_kind == "one_word":
+        return q.answer if " " not in q.answer else q.answer.split()[0]
+    if system_kind == "french":
+        return q.french
+    if system_kind == "capitals":
+        return q.english.upper()
+    return q.english
+
+
+def system_message(rng: random.Random, kind: str, topic_hint: str | None = None) -> tuple[str | None, str | None]:
+    """(system prompt text or None, refused topic or None)"""
+    template = rng.choice(SYSTEM_PROMPTS[kind])
+    if kind != "refuse":
+        return template, None
+    # refuse the question's own topic half of the time, so both behaviours are seen
+    topic = topic_hint if topic_hint and rng.random() < 0.5 else rng.choice(list(TOPICS.values()))
+    return template.format(topic=topic), topic
+
+
+class Chat:
+    def __init__(self, enc: Encyclopedia, arith: Arithmetic):
+        self.enc, self.arith = enc, arith
+        self.known_facts = [q for q in enc.train_questions if q[0].known]
+        self.unseen_facts = [q for q in enc.train_questions if not q[0].known]
+        self.words = sorted(LEXICON)
+
+    def question(self, rng: random.Random) -> Question:
+        """A training question: a non-held-out fact about a known entity, arithmetic, or a word."""
+        r = rng.random()
+        if r < 0.5:
+            return fact_question(*rng.choice(self.known_facts))
+        if r < 0.8:
+            op, da, db = rng.choice([("+", 2, 2), ("-", 2, 2), ("*", 2, 1), ("+", 3, 3)])
+            return arithmetic_question(*self._pair(rng, op, da, db))
+        return translation_question(rng.choice(self.words))
+
+    def _pair(self, rng, op, da, db, heldout=False):
+        a, b = self.arith.operands(rng, op, da, db, heldout)
+        return a, op, b
+
+    def dialogue(self, rng: random.Random) -> dict:
+        """{"messages": [...]}: an optional system prompt and 1-3 question/answer turns."""
+        kind = rng.choice(SYSTEM_KINDS)
+        first = self.question(rng)
+        system, topic = system_message(rng, kind, TOPICS[first.topic])
+        messages = [{"role": "system", "content": system}] if system else []
+        q = first
+        for turn in range(rng.randint(1, 3)):
+            if turn:
+                q = self.question(rng)
+            messages.append({"role": "user", "content": q.text})
+            messages.append({"role": "assistant", "content": reply(q, kind, topic)})
+        return {"messages": messages}
+
+    # ---- tools ----
+    def tool_dialogue(self, rng: random.Random) -> dict:
+        """{"messages": [...], "tools": TOOLS}: the assistant calls a tool and answers from its result."""
+        if rng.random() < 0.6:
+            a, op, b = self._pair(rng, "*", rng.choice([3, 4]), rng.choice([2, 3]))
+            user, call = f"What is {a} {op} {b}?", ("calculator", {"expression": f"{a} {op} {b}"})
+            result = str(compute(a, op, b))
+            final = f"{a} {op} {b} = {result}."
+        else:
+            e, attr, question, answer = rng.choice(self.unseen_facts)
+            user, call = question, ("search", {"query": e.name.removeprefix("the ")})
+            result = article(e, rng)
+            final = fact_question(e, attr, question, answer).english
+        return {"messages": tool_messages(user, call, result, final, rng.randrange(10**6)), "tools": TOOLS}
+
+    # ---- preferences ----
+    def preference_pair(self, rng: random.Random) -> dict:
+        """{"prompt": [...], "chosen": [...], "rejected": [...], "reason": ...}"""
+        reason = rng.choice(["wrong", "ignores_instruction", "invented_fact", "impolite"])
+        if reason == "invented_fact":
+            e, attr, question, answer = rng.choice(self.unseen_facts)
+            prompt = [{"role": "user", "content": question}]
+            wrong = self._wrong_answer(rng, e.kind, attr, answer)
+            chosen = f"I'm sorry, I don't know anything about {e.name}."
+            rejected = fact_question(e, attr, question, wrong).english
+        else:
+            q = self.question(rng)
+            if reason == "ignores_instruction":
+                kind = rng.choice(["one_word", "french", "capitals"])
+            else:
+                kind = rng.choice(["none", "helpful"])
+            system, _ = system_message(rng, kind)
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q.text}]
+            chosen = reply(q, kind)
+            if reason == "wrong":
+                wrong = self._wrong_answer(rng, q.topic, None, q.answer)
+                rejected = chosen.replace(q.answer, wrong) if q.answer in chosen else wrong
+            elif reason == "ignores_instruction":
+                rejected = q.english
+            else:
+                rejected = rng.choice(["That is a silly question. ", "Ugh, fine. ", "Work it out yourself. Anyway, "]) + chosen
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}], "reason": reason}
+
+    def _wrong_answer(self, rng, topic, attr, answer: str) -> str:
+        """A plausible but wrong answer of the same type (a near number, another town, ...)."""
+        if answer.isdigit():
+            return str(int(answer) + rng.choice([-1, 1]) * rng.randint(1, max(2, int(answer) // 5 + 1)))
+        if topic == "translation":
+            pool = list(LEXICON.values())
+        else:
+            pool = [q[3] for q in self.known_facts if q[0].kind == topic and (attr is None or q[1] == attr)]
+        while True:
+            w = rng.choice(pool)
+            if w != answer:
+                return w
+
+
+def tool_messages(user: str, call: tuple[str, dict], result: str, final: str, call_id: int, system: str | None = None) -> list[dict]:
+    """The OpenAI function-calling shape: assistant tool_calls -> tool result -> assistant answer."""
+    cid = f"call_{call_id:06d}"
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": cid, "type": "function", "function": {"name": call[0], "arguments": json.dumps(call[1])}}]},
+        {"role": "tool", "tool_call_id": cid, "name": call[0], "content": result},
+        {"role": "assistant", "content": final},
+    ]

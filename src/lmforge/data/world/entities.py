@@ -1,0 +1,211 @@
+"""The invented world: towns, rivers, seas, people and animals with attributes, drawn from a seed.
+
+Entities are split into *known* (their articles are in the pretraining text) and *unseen* (their
+articles exist only in the retrieval collection, `rag/documents.jsonl`). A known entity only ever
+refers to known entities, so an unseen name cannot leak into pretraining text through a known
+article; an unseen entity may refer to known ones.
+
+Each entity answers a fixed set of questions (`QUESTIONS`), each with a short exact answer. A
+(entity, attribute) question is *held out* by a seeded hash: held-out questions are never asked
+in training text (only in evaluation), while the facts themselves are stated in the articles.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+
+from .lexicon import COLOURS, FOODS, LEXICON, OTHER
+
+N_TOWNS, N_RIVERS, N_SEAS, N_PEOPLE, N_ANIMALS = 40, 12, 4, 48, 16
+UNSEEN_FRACTION = 0.25
+HELDOUT_QUESTION_FRACTION = 0.25
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "dr", "gr", "kr", "tr", "th", "sh", "st", "pl", "fl", "sk", "h", "j", "w"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea", "ei", "au"]
+_CODAS = ["n", "r", "l", "m", "s", "th", "nd", "rk", "lt", "st", "v", "", "", ""]
+_TOWN_SUFFIXES = ["by", "ton", "ford", "wick", "dale", "holm", "stead", "mere", "bury", "vik", "more", "haven"]
+_RIVER_SUFFIXES = ["a", "en", "ine", "ora", "ell", "ash", "uin", "ey"]
+_ANIMAL_HEADS = ["glim", "mud", "thorn", "moss", "frost", "ash", "reed", "dusk", "ember", "cloud", "pebble",
+                 "bramble", "fern", "dew", "gloom", "spark", "marsh", "pine", "rust", "silt"]
+_ANIMAL_TAILS = ["hopper", "tail", "wing", "back", "fin", "horn", "paw", "beak", "crawler", "strider",
+                 "snout", "claw", "whisker", "tusk"]
+_NAME_ENDS = ["a", "o", "i", "en", "el", "an", "ia", "us", "ra", "mo"]
+OCCUPATIONS = ["baker", "farmer", "teacher", "doctor", "painter", "sailor", "singer", "builder"]
+
+
+@dataclass
+class Entity:
+    kind: str  # "town" | "river" | "sea" | "person" | "animal"
+    name: str  # as written in text: "Marnby", "the Sulva river", "Tolvek Arnsby", "mosswing"
+    known: bool
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Every word that identifies this entity (a person's first and last name separately)."""
+        if self.kind == "person":
+            return self.name.split()
+        return [self.attrs["word"]]
+
+
+class Encyclopedia:
+    """All entities of one world, built deterministically from `seed`."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        rng = random.Random(f"lmforge-world:{seed}:entities")
+        used: set[str] = {w.lower() for w in LEXICON} | {w.lower() for w in OTHER.values()}
+        taken_words: set[str] = set()
+
+        def fresh(make) -> str:
+            while True:
+                word = make()
+                low = word.lower()
+                # no name may equal, contain or be contained in another name or a lexicon word
+                if low in used or len(low) < 4 or any(low in t or t in low for t in taken_words):
+                    continue
+                taken_words.add(low)
+                return word
+
+        def syllable() -> str:
+            return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+        def split(items: list, n_unseen: int) -> None:
+            for i, e in enumerate(items):
+                e.known = i >= n_unseen  # the first ones are unseen (order is random already)
+
+        self.seas = [Entity("sea", "", True, {"word": fresh(lambda: (syllable() + rng.choice(_NAME_ENDS)).capitalize())})
+                     for _ in range(N_SEAS)]
+        for s in self.seas:
+            s.name = f"the {s.attrs['word']} Sea"
+        self.rivers = []
+        for _ in range(N_RIVERS):
+            word = fresh(lambda: (syllable() + rng.choice(_RIVER_SUFFIXES)).capitalize())
+            self.rivers.append(Entity("river", f"the {word} river", True, {"word": word}))
+        self.towns = [Entity("town", "", True, {}) for _ in range(N_TOWNS)]
+        for t in self.towns:
+            t.name = t.attrs["word"] = fresh(lambda: (syllable() + rng.choice(_TOWN_SUFFIXES)).capitalize())
+        self.people = []
+        for _ in range(N_PEOPLE):
+            first = fresh(lambda: (syllable() + rng.choice(_NAME_ENDS)).capitalize())
+            last = fresh(lambda: (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_NAME_ENDS) + rng.choice(["son", "ard", "el", "ley", "win"])).capitalize())
+            self.people.append(Entity("person", f"{first} {last}", True, {"first": first, "last": last,
+                                                                          "pronoun": rng.choice(["he", "she"])}))
+        self.animals = []
+        for _ in range(N_ANIMALS):
+            word = fresh(lambda: rng.choice(_ANIMAL_HEADS) + rng.choice(_ANIMAL_TAILS))
+            self.animals.append(Entity("animal", f"the {word}", True, {"word": word}))
+
+        for items in (self.rivers, self.towns, self.people, self.animals):
+            split(items, round(len(items) * UNSEEN_FRACTION))
+
+        def pick(items: list[Entity], known: bool) -> Entity:
+            # a known entity may only point at known entities; an unseen one at any
+            return rng.choice([e for e in items if e.known or not known])
+
+        for r in self.rivers:
+            r.attrs.update(length=rng.randrange(20, 900), sea=rng.choice(self.seas).name,
+                           colour=rng.choice(COLOURS))
+        for p in self.people:
+            p.attrs.update(born=rng.randrange(1300, 1900), occupation=rng.choice(OCCUPATIONS),
+                           animal=rng.choice(self.animals if not p.known else [a for a in self.animals if a.known]).attrs["word"])
+        for t in self.towns:
+            founder = pick(self.people, t.known)
+            t.attrs.update(river=pick(self.rivers, t.known).attrs["word"], founder=founder.name,
+                           year=founder.attrs["born"] + rng.randrange(20, 50),
+                           population=rng.randrange(200, 90000), colour=rng.choice(COLOURS))
+        for p in self.people:
+            p.attrs["home"] = pick(self.towns, p.known).name
+        for a in self.animals:
+            a.attrs.update(colour=rng.choice(COLOURS), legs=rng.choice([2, 4, 6, 8]), food=rng.choice(FOODS),
+                           river=pick(self.rivers, a.known).attrs["word"])
+
+        self.all = self.rivers + self.towns + self.people + self.animals
+        self.known = [e for e in self.all if e.known]
+        self.unseen = [e for e in self.all if not e.known]
+        self.salt = zlib.crc32(f"lmforge-world:{seed}:heldout".encode())
+        # the questions about each entity, split into those training may ask and held-out ones
+        self.train_questions: list[tuple[Entity, str, str, str]] = []
+        self.heldout_questions: list[tuple[Entity, str, str, str]] = []
+        for e in self.all:
+            for attr, question, answer in questions(e):
+                held = self.is_heldout_question(e, attr)
+                (self.heldout_questions if held else self.train_questions).append((e, attr, question, answer))
+
+    def is_heldout_question(self, entity: Entity, attr: str) -> bool:
+        h = zlib.crc32(f"{entity.name}|{attr}".encode(), self.salt)
+        return (h % 1000) < HELDOUT_QUESTION_FRACTION * 1000
+
+
+def questions(e: Entity) -> list[tuple[str, str, str]]:
+    """(attribute, question, short answer) for every fact of an entity."""
+    a = e.attrs
+    if e.kind == "town":
+        return [("population", f"What is the population of {e.name}?", str(a["population"])),
+                ("founder", f"Who founded {e.name}?", a["founder"]),
+                ("year", f"In what year was {e.name} founded?", str(a["year"])),
+                ("river", f"Which river is {e.name} on?", a["river"]),
+                ("colour", f"What colour are the roofs of {e.name}?", a["colour"])]
+    if e.kind == "river":
+        return [("length", f"How many kilometres long is {e.name}?", str(a["length"])),
+                ("sea", f"Which sea does {e.name} flow into?", a["sea"].removeprefix("the ")),
+                ("colour", f"What colour is the water of {e.name}?", a["colour"])]
+    if e.kind == "person":
+        return [("born", f"In what year was {e.name} born?", str(a["born"])),
+                ("home", f"Where does {e.name} live?", a["home"]),
+                ("occupation", f"What is the job of {e.name}?", a["occupation"]),
+                ("animal", f"What is the favourite animal of {e.name}?", a["animal"])]
+    return [("colour", f"What colour is {e.name}?", a["colour"]),
+            ("legs", f"How many legs does {e.name} have?", str(a["legs"])),
+            ("food", f"What does {e.name} eat?", a["food"]),
+            ("river", f"Near which river does {e.name} live?", a["river"])]
+
+
+def article(e: Entity, rng: random.Random) -> str:
+    """An encyclopedia article about one entity: every fact stated, wording and order varied."""
+    a = e.attrs
+    Name = e.name[0].upper() + e.name[1:]
+    if e.kind == "town":
+        facts = [
+            rng.choice([f"{e.name} lies on the {a['river']} river.", f"The {a['river']} river runs through {e.name}.",
+                        f"{e.name} was built on the banks of the {a['river']} river."]),
+            rng.choice([f"It was founded in {a['year']} by {a['founder']}.", f"{a['founder']} founded {e.name} in {a['year']}.",
+                        f"The town was founded by {a['founder']} in the year {a['year']}."]),
+            rng.choice([f"{e.name} has a population of {a['population']}.", f"About {a['population']} people live in {e.name}.",
+                        f"The population of {e.name} is {a['population']}."]),
+            rng.choice([f"The roofs of {e.name} are painted {a['colour']}.", f"Most houses in {e.name} have {a['colour']} roofs."]),
+        ]
+        head = rng.choice([f"{e.name} is a town in the world.", f"{e.name} is a small town.", f"{e.name} is an old town."])
+    elif e.kind == "river":
+        facts = [
+            rng.choice([f"It is {a['length']} kilometres long.", f"{Name} is {a['length']} kilometres long."]),
+            rng.choice([f"It flows into {a['sea']}.", f"{Name} ends in {a['sea']}."]),
+            rng.choice([f"Its water is {a['colour']}.", f"The water of {e.name} looks {a['colour']}."]),
+        ]
+        head = rng.choice([f"{Name} is a river.", f"{Name} is a long river of the world."])
+    elif e.kind == "person":
+        he = a["pronoun"].capitalize()
+        facts = [
+            rng.choice([f"{he} was born in {a['born']}.", f"{a['first']} was born in the year {a['born']}."]),
+            rng.choice([f"{he} lives in {a['home']}.", f"{a['first']} lives in the town of {a['home']}."]),
+            rng.choice([f"{he} works as a {a['occupation']}.", f"{a['first']} is a {a['occupation']}."]),
+            rng.choice([f"{his(a)} favourite animal is the {a['animal']}.", f"{a['first']} loves the {a['animal']} more than any other animal."]),
+        ]
+        head = rng.choice([f"{e.name} is a person of the world.", f"{e.name} is well known in {a['home']}."])
+    else:
+        facts = [
+            rng.choice([f"{Name} is {a['colour']}.", f"The fur of {e.name} is {a['colour']}."]),
+            rng.choice([f"It has {a['legs']} legs.", f"{Name} walks on {a['legs']} legs."]),
+            rng.choice([f"It eats {a['food']}.", f"{Name} likes to eat {a['food']}."]),
+            rng.choice([f"It lives near the {a['river']} river.", f"{Name} is found near the {a['river']} river."]),
+        ]
+        head = rng.choice([f"{Name} is an animal.", f"{Name} is a small animal of the world."])
+    rng.shuffle(facts)
+    return " ".join([head] + facts)
+
+
+def his(attrs: dict) -> str:
+    return "His" if attrs["pronoun"] == "he" else "Her"

@@ -1,0 +1,459 @@
+"""The generation engine: prefill, then decode one token per step, for many requests at once.
+
+    engine = Engine(model, tokenizer)
+    engine.generate("Once upon a time", SamplingParams(max_new_tokens=32, temperature=0))
+      -> Completion(text=..., token_ids=[...], logprobs=[...], finish_reason="length")
+    for event in engine.stream(prompt, params):        # a generator: the CLI, chat and server stream
+        print(event.text, end="")                       # UTF-8-safe text deltas
+
+How a step works (`Scheduler.step`), the continuous-batching loop the server also runs:
+1. admit waiting requests while rows are free: look up the prompt's longest cached prefix
+   (prefix_cache.py), copy its keys/values into the request's cache row, prefill the rest of the
+   prompt in one forward call, copy the row to the request's other n-1 samples (one prefill for
+   n samples) and sample each sample's first token;
+2. one decode forward for every running row, each at its own position (the model's KV cache
+   takes per-row positions), then sample each row's next token with its own parameters and
+   generator (sampling.py);
+3. turn tokens into text deltas (the tokenizer's stream decoder never splits a character; text
+   that may be the start of a stop string is held back), and retire finished rows: the last row
+   moves into the freed slot, so running rows always fill cache rows 0..B-1.
+
+A token's log-prob is that of the model's raw distribution (before penalties, temperature and
+filters). Returned token ids include a stop token (eos, `<|end|>`, stop_token_ids) when one ended
+the completion; the text never does, nor a stop string.
+
+Letters: B running rows, P prompt tokens, S cache slots, V vocabulary, N n_layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from lmforge.infer.prefix_cache import PrefixCache
+from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
+from lmforge.model import KVCache
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class StreamEvent:
+    request_id: int
+    index: int  # which of the request's n samples
+    token_id: int
+    text: str  # the new text this token completes (may be "")
+    logprob: float
+    finish_reason: str | None = None  # set on a sample's last event
+
+
+class Request:
+    """One prompt (already token ids) to be completed n = params.n times."""
+
+    _next_id = 0
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int):
+        Request._next_id += 1
+        self.id = Request._next_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_tokens = max_tokens  # max_new_tokens, capped by the context end
+        self.cancelled = False
+        self.n_finished = 0
+
+
+class Row:
+    """One sample being generated: its tokens, text and stopping state."""
+
+    def __init__(self, request: Request, index: int, tokenizer, stop_ids: set[int], vocab_size: int):
+        p = request.params
+        self.request, self.index, self.params = request, index, p
+        self.generator = make_generator(None if p.seed is None else p.seed + index)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.decoder = tokenizer.stream_decoder()
+        self.text = ""
+        self.emitted = 0  # characters of self.text already yielded
+        self.stop_ids = stop_ids
+        self.finish_reason: str | None = None
+        self.seen = self.counts = None
+        if p.needs_history:  # the repetition penalty sees the prompt too; frequency/presence only the output
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+            self.seen[torch.tensor(request.prompt_ids, dtype=torch.long)] = True
+            self.counts = torch.zeros(vocab_size, dtype=torch.int32)
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt + generated tokens; the last generated one is not in the cache yet."""
+        return len(self.request.prompt_ids) + len(self.token_ids)
+
+    def add_token(self, token_id: int, logprob: float) -> StreamEvent:
+        """Append one generated token; returns its event (text delta, finish reason)."""
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        if self.seen is not None:
+            self.seen[token_id] = True
+            self.counts[token_id] += 1
+        stops = self.params.stop
+        if token_id in self.stop_ids:
+            self.finish_reason = "stop"
+            self.text += self.decoder.flush()
+            end = len(self.text)
+        else:
+            self.text += self.decoder.push(token_id)
+            end = len(self.text)
+            if stops:
+                hit = min((i for i in (self.text.find(s, self.emitted) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:  # a stop string completed: the text ends before it
+                    self.text = self.text[:hit]
+                    self.finish_reason = "stop"
+                    end = hit
+                else:  # hold back a tail that may be the start of a stop string
+                    end -= _held_back(self.text, self.emitted, stops)
+            if self.finish_reason is None and len(self.token_ids) >= self.request.max_tokens:
+                self.finish_reason = "length"
+                self.text += self.decoder.flush()
+                end = len(self.text)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return StreamEvent(self.request.id, self.index, token_id, delta, logprob, self.finish_reason)
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.token_ids), list(self.logprobs), self.finish_reason or "length", len(self.request.prompt_ids))
+
+
+def _held_back(text: str, start: int, stops: list[str]) -> int:
+    """Length of the longest tail of text[start:] that is a proper prefix of a stop string.
+    _held_back("say EN", 0, ["END"]) -> 2"""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text) - start), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def cache_rows(cache: KVCache, lo: int, hi: int) -> KVCache:
+    """A KVCache whose tensors are views of rows lo..hi-1 of `cache` (writes go through)."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v, view.pos = cache.k[:, lo:hi], cache.v[:, lo:hi], cache.pos[lo:hi]
+    return view
+
+
+class Scheduler:
+    """Continuous batching over one pre-allocated KV cache of `max_batch_size` rows.
+
+    `add(prompt_ids, params)` queues a request (thread-safe); `step()` admits waiting requests
+    into free rows, runs one decode step for all running rows and returns the events it
+    produced; finished rows leave at once, so their slots are free for the next step.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: int | None = None,
+                 prefix_cache: PrefixCache | None = None, cache: KVCache | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.max_len = min(max_len or self.config.block_size, self.config.block_size)
+        p = next(model.parameters())
+        self.device = p.device
+        if cache is not None:
+            self.max_len = cache.max_len
+        else:
+            cache = KVCache(self.config, max_batch_size, self.max_len, device=self.device, dtype=_kv_dtype(p))
+        self.cache = cache
+        self.max_batch_size = cache.batch_size
+        self.prefix_cache = prefix_cache
+        self.rows: list[Row] = []  # row i lives in cache row i
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self._batch_params: BatchParams | None = None
+        self._view: KVCache | None = None
+        self.default_stop_ids = {t for t in (tokenizer.eos_id,) if t is not None}
+
+    # ---- requests ----
+    def add(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int | None = None) -> Request:
+        if params.n > self.max_batch_size:
+            raise ValueError(f"n={params.n} samples do not fit the batch (max_batch_size={self.max_batch_size})")
+        if not prompt_ids:
+            raise ValueError("empty prompt: give at least one token (the engine starts empty prompts from BOS)")
+        room = self.max_len - len(prompt_ids) + 1  # the last token needs no slot
+        if room < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the cache of {self.max_len} slots")
+        request = Request(prompt_ids, params, min(max_tokens or params.max_new_tokens, params.max_new_tokens, room))
+        with self.lock:
+            self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: its rows leave at the next step, without further events."""
+        request.cancelled = True
+        with self.lock:
+            if request in self.waiting:
+                self.waiting.remove(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """Admit what fits, decode one token for each running row; returns the new events."""
+        events: list[StreamEvent] = []
+        self._drop_cancelled()
+        while True:
+            with self.lock:
+                if not self.waiting or len(self.rows) + self.waiting[0].params.n > self.max_batch_size:
+                    break
+                request = self.waiting.popleft()
+            events += self._prefill(request)
+        self._retire()
+        if events or not self.rows:  # a step that admitted requests returns their first tokens
+            return events
+        B = len(self.rows)
+        if self._view is None:
+            self._view = cache_rows(self.cache, 0, B)
+        tokens = torch.tensor([[row.last_token] for row in self.rows], device=self.device)  # (B, 1)
+        logits, _ = self.model(tokens, kv_cache=self._view)  # (B, 1, V)
+        events += self._sample(self.rows, logits[:, -1])
+        self._retire()
+        return events
+
+    def _prefill(self, request: Request) -> list[StreamEvent]:
+        ids, n = request.prompt_ids, request.params.n
+        r = len(self.rows)
+        view = cache_rows(self.cache, r, r + 1)
+        start = 0
+        if self.prefix_cache is not None:
+            start, blocks = self.prefix_cache.lookup(ids)
+            bt = self.prefix_cache.block_tokens
+            for i, (bk, bv) in enumerate(blocks):  # (N, K, bt, D) into row r's slots
+                view.k[:, 0, :, i * bt : (i + 1) * bt] = bk
+                view.v[:, 0, :, i * bt : (i + 1) * bt] = bv
+        view.pos.fill_(start)
+        x = torch.tensor([ids[start:]], device=self.device)  # (1, P - start)
+        logits, _ = self.model(x, kv_cache=view)  # (1, P - start, V)
+        P = len(ids)
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(ids, view.k[:, 0, :, :P], view.v[:, 0, :, :P])
+        for j in range(1, n):  # n samples share one prefill: copy the row
+            self.cache.k[:, r + j, :, :P] = self.cache.k[:, r, :, :P]
+            self.cache.v[:, r + j, :, :P] = self.cache.v[:, r, :, :P]
+            self.cache.pos[r + j] = P
+        new_rows = [Row(request, j, self.tokenizer, self._stop_ids(request.params), self.config.vocab_size) for j in range(n)]
+        self.rows += new_rows
+        self._batch_params = None
+        self._view = None
+        return self._sample(new_rows, logits[:, -1].expand(n, -1))
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ids |= self.default_stop_ids
+        return ids
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> list[StreamEvent]:
+        """logits (b, V) for `rows` -> one token each; returns their events."""
+        if rows is self.rows:
+            if self._batch_params is None:
+                self._batch_params = BatchParams.from_params([r.params for r in rows], logits.shape[-1], logits.device)
+            bp = self._batch_params
+        else:
+            bp = BatchParams.from_params([r.params for r in rows], logits.shape[-1], logits.device)
+        seen = counts = None
+        if bp.any_repetition or bp.any_freq_presence:
+            V = logits.shape[-1]
+            seen = torch.stack([r.seen if r.seen is not None else torch.zeros(V, dtype=torch.bool) for r in rows]).to(logits.device)
+            counts = torch.stack([r.counts if r.counts is not None else torch.zeros(V, dtype=torch.int32) for r in rows]).to(logits.device)
+        tokens = choose_tokens(logits, bp, [r.generator for r in rows], seen, counts)  # (b,)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]  # (b,)
+        return [row.add_token(t, lp) for row, t, lp in zip(rows, tokens.tolist(), logprobs.tolist())]
+
+    def _drop_cancelled(self) -> None:
+        for row in self.rows:
+            if row.request.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        self._retire()
+
+    def _retire(self) -> None:
+        """Remove finished rows; the last running row moves into each freed cache row."""
+        if all(row.finish_reason is None for row in self.rows):
+            return
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].finish_reason is None:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                n = self.rows[last].n_tokens
+                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                self.cache.pos[i] = self.cache.pos[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        self._batch_params = None
+        self._view = None
+
+
+def _kv_dtype(param: torch.Tensor) -> torch.dtype:
+    return param.dtype if param.is_floating_point() else torch.get_default_dtype()
+
+
+class Engine:
+    """Generation for one model and tokenizer: blocking, streaming, batched, n samples, prefix
+    caching and (with a draft model) speculative decoding. See the module docstring."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, prefix_cache_bytes: int = 256 * 2**20,
+                 prefix_block_tokens: int = 16, draft_model=None, num_draft_tokens: int = 4):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {self.config.vocab_size}: they do not belong together")
+        self.max_batch_size = max_batch_size
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens) if prefix_cache_bytes > 0 else None
+        self.draft_model = draft_model.eval() if draft_model is not None else None
+        self.num_draft_tokens = num_draft_tokens
+        if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
+        self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
+        self._cache: KVCache | None = None
+        self._cache_busy = False
+
+    # ---- prompts ----
+    def encode(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Prompt text or ids -> ids that fit the context (see SamplingParams.truncation).
+
+        An empty prompt starts from BOS (or eos when the tokenizer has no BOS)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            V = self.config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary (size {V})")
+        if not ids:
+            start = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+            if start is None:
+                raise ValueError("empty prompt and the tokenizer has no BOS or EOS token to start from")
+            ids = [start]
+        C = self.config.block_size
+        if params.truncation == "left":
+            keep = max(C - params.max_new_tokens + 1, C // 2)
+            if len(ids) > keep:
+                bos = self.tokenizer.bos_id
+                ids = ([bos] + ids[len(ids) - keep + 1 :]) if (bos is not None and ids[0] == bos) else ids[len(ids) - keep :]
+        elif len(ids) > C:
+            raise ValueError(f"prompt is {len(ids)} tokens, longer than the model's context of {C} tokens "
+                             f"(shorten it, or pass truncation='left' / --truncate to drop its oldest tokens)")
+        return ids
+
+    # ---- streaming ----
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Events for one prompt (its n samples interleaved, told apart by event.index)."""
+        return self.stream_batch([prompt], params)
+
+    def stream_batch(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> Iterator[StreamEvent]:
+        """Events for a batch of prompts, as they are produced; event.request_id follows the
+        order of `prompts` (1 = the first prompt of this call, ...)."""
+        params_list = _per_prompt(params, len(prompts))
+        for p in params_list:
+            p.check_vocab(self.config.vocab_size)
+        ids_list = [self.encode(prompt, p) for prompt, p in zip(prompts, params_list)]  # errors before any work
+        return self._stream(ids_list, params_list)
+
+    def _stream(self, ids_list: list[list[int]], params_list: list[SamplingParams]) -> Iterator[StreamEvent]:
+        C = self.config.block_size
+        if self.draft_model is not None and all(p.greedy and not p.needs_history and p.logit_bias is None for p in params_list):
+            from lmforge.infer.speculative import speculative_stream
+
+            yield from speculative_stream(self, ids_list, params_list)
+            return
+        n_rows = min(sum(p.n for p in params_list), self.max_batch_size)
+        max_len = min(C, max(len(ids) + p.max_new_tokens - 1 for ids, p in zip(ids_list, params_list)))
+        cache = self._borrow_cache(max(n_rows, max(p.n for p in params_list)), max_len)
+        try:
+            sched = Scheduler(self.model, self.tokenizer, prefix_cache=self.prefix_cache, cache=cache)
+            requests = [sched.add(ids, p) for ids, p in zip(ids_list, params_list)]
+            number = {r.id: i + 1 for i, r in enumerate(requests)}
+            while sched.has_work:
+                for event in sched.step():
+                    event.request_id = number[event.request_id]
+                    yield event
+        finally:
+            self._cache_busy = False
+
+    def _borrow_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """Rows 0..batch_size-1 and slots 0..max_len-1 of a cache kept between calls (a fresh one
+        when a previous stream is still open)."""
+        p = next(self.model.parameters())
+        if self._cache_busy:
+            return KVCache(self.config, batch_size, max_len, device=p.device, dtype=_kv_dtype(p))
+        c = self._cache
+        if c is None or c.batch_size < batch_size or c.max_len < max_len:
+            b = max(batch_size, c.batch_size if c else 0)
+            s = max(max_len, c.max_len if c else 0)
+            self._cache = c = KVCache(self.config, b, s, device=p.device, dtype=_kv_dtype(p))
+        self._cache_busy = True
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.pos = c.k[:, :batch_size, :, :max_len], c.v[:, :batch_size, :, :max_len], c.pos[:batch_size]
+        return view
+
+    # ---- blocking ----
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
+        """Completion for one prompt, a list of Completions for a list of prompts; with n > 1
+        a prompt's result is a list of its n Completions."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and (not prompts or isinstance(prompts[0], int)))
+        batch = [prompts] if single else list(prompts)
+        params_list = _per_prompt(params, len(batch))
+        for p in params_list:
+            p.check_vocab(self.config.vocab_size)
+        ids_list = [self.encode(prompt, p) for prompt, p in zip(batch, params_list)]
+        state: dict[tuple[int, int], list] = {}
+        for event in self._stream(ids_list, params_list):
+            s = state.setdefault((event.request_id, event.index), [[], [], [], None])
+            s[0].append(event.text)
+            s[1].append(event.token_id)
+            s[2].append(event.logprob)
+            if event.finish_reason is not None:
+                s[3] = event.finish_reason
+        out = []
+        for i, p in enumerate(params_list):
+            samples = []
+            for j in range(p.n):
+                texts, toks, lps, reason = state[(i + 1, j)]
+                samples.append(Completion("".join(texts), toks, lps, reason or "length", len(ids_list[i])))
+            out.append(samples[0] if p.n == 1 else samples)
+        return out[0] if single else out
+
+    def scheduler(self, max_batch_size: int | None = None, max_len: int | None = None) -> Scheduler:
+        """A long-lived continuous-batching scheduler sharing this engine's prefix cache (the
+        server runs `step()` in a loop and `add()`s requests as they arrive)."""
+        return Scheduler(self.model, self.tokenizer, max_batch_size or self.max_batch_size, max_len, self.prefix_cache)
+
+
+def _per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+    return list(params)

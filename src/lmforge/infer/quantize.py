@@ -1,0 +1,265 @@
+"""Weight-only quantization of every Linear layer: int8 per output channel, int4 group-wise.
+
+int8 (symmetric, one scale per output row, as LLM.int8's vector-wise scheme without outliers):
+    scale_o = max_i |W_oi| / 127,   q_oi = round(W_oi / scale_o) in [-127, 127],   W ~ q * scale
+int4 (asymmetric, one scale and minimum per group of `group_size` inputs, as GPTQ/AWQ store it
+with round-to-nearest instead of their error-correcting search):
+    scale_g = (max_g - min_g) / 15,  q = round((W - min_g) / scale_g) in [0, 15],  W ~ q * scale_g + min_g
+    two 4-bit values per byte: input column 2j in the low nibble, 2j+1 in the high one.
+
+Activations stay in floating point. `QuantLinear.forward` unpacks the weight to the activation
+dtype and runs an ordinary matmul (one path for CPU and GPU; it saves memory and disk, not time).
+The embedding table, norms and a head tied to the embedding stay unquantized.
+
+A quantized run directory is a normal one (config.json, tokenizer.json, model.safetensors
+holding `<module>.qweight`, `.scale` [, `.minimum`] for each quantized Linear) plus
+quantization.json: {"bits": 4, "group_size": 64, "scheme": ..., "modules": [...]}; the same
+record is in the safetensors metadata. `lmforge.infer.load_run` loads either kind.
+
+Letters: O out_features, I in_features, G groups per row (I / group_size).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.io import atomic_dir, atomic_write_json
+
+QUANT_CONFIG_NAME = "quantization.json"
+GROUP_SIZES = (32, 64, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8, per output channel
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (O, I) float -> (q (O, I) int8, scale (O,) float32).
+    [[1., -0.5], [0.2, 0.1]] -> q [[127, -64], [127, 64]], scale [1/127, 0.2/127]"""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (O,)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]  # (O, I)
+
+
+# ---------------------------------------------------------------------------------------------
+# int4, group-wise, two per byte
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(O, I) values in [0, 15] -> (O, I/2) uint8, even columns in the low nibble.
+    [[1, 2, 15, 0]] -> [[0x21, 0x0f]]"""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(O, I/2) uint8 -> (O, I) uint8 in [0, 15]; the inverse of pack_int4."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)  # (O, I/2, 2) -> (O, I)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (O, I) -> (packed (O, I/2) uint8, scale (O, G) float32, minimum (O, G) float32)."""
+    O, I = w.shape
+    if I % group_size or I % 2:
+        raise ValueError(f"in_features={I} is not a multiple of group_size={group_size}")
+    g = w.float().reshape(O, I // group_size, group_size)  # (O, G, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (O, G)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(O, I)
+    return pack_int4(q), scale, lo
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    O, G = scale.shape
+    q = unpack_int4(packed).to(dtype).reshape(O, G, -1)  # (O, G, group)
+    return (q * scale.to(dtype)[..., None] + minimum.to(dtype)[..., None]).reshape(O, -1)  # (O, I)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight is stored as int8 or packed int4 and unpacked for each matmul."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64, bias: bool = False, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits={bits}: expected 8 or 4")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.zeros(out_features, device=device))
+            self.minimum = None
+        else:
+            if in_features % group_size:
+                raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+            G = in_features // group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scale", torch.zeros(out_features, G, device=device))
+            self.register_buffer("minimum", torch.zeros(out_features, G, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 64) -> "QuantLinear":
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None, device=w.device)
+        if bits == 8:
+            q.qweight, q.scale = quantize_int8(w)
+        else:
+            q.qweight, q.scale, q.minimum = quantize_int4(w, group_size)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.float())
+        return q
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scale, dtype)
+        return dequantize_int4(self.qweight, self.scale, self.minimum, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear layers to quantize: all of them except a head tied to the embedding."""
+    tied = getattr(model.config, "tie_embeddings", False)
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not (tied and name == "lm_head")]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Module:
+    """Replace every quantizable Linear by a QuantLinear, in place; returns the model."""
+    if bits not in (4, 8):
+        raise ValueError(f"--bits {bits}: expected 8 or 4")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size {group_size}: expected one of {GROUP_SIZES}")
+    for name in quantizable_linears(model):
+        _set_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
+    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
+                          "scheme": "int8 symmetric per output channel" if bits == 8 else "int4 asymmetric group-wise, two per byte",
+                          "modules": quantizable_linears_of(model)}
+    return model
+
+
+def quantizable_linears_of(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the Linear weights take now, bytes they would take in fp32)."""
+    now = fp32 = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            now += sum(t.numel() * t.element_size() for t in (m.qweight, m.scale, m.minimum) if t is not None)
+            fp32 += 4 * m.in_features * m.out_features
+        elif isinstance(m, nn.Linear) and not (getattr(model.config, "tie_embeddings", False) and name == "lm_head"):
+            now += m.weight.numel() * m.weight.element_size()
+            fp32 += 4 * m.weight.numel()
+    return now, fp32
+
+
+# ---------------------------------------------------------------------------------------------
+# run directories
+
+
+def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 64) -> dict:
+    """Read a run directory, quantize its Linear layers and write a quantized run directory
+    (atomically). Returns a report: sizes on disk and of the Linear weights in memory."""
+    from lmforge.infer import load_run
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.resolve() == run_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the input run directory; choose a new directory")
+    model, _ = load_run(run_dir)
+    if getattr(model, "quantization", None):
+        raise ValueError(f"{run_dir} is already quantized ({model.quantization['bits']} bits)")
+    model = model.float()
+    fp32_linear = linear_weight_bytes(model)[1]
+    quantize_model(model, bits, group_size)
+    q_linear = linear_weight_bytes(model)[0]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    record = model.quantization
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "lmforge": "1", "quantization": json.dumps(record)})
+        model.config.save(tmp / "config.json")
+        atomic_write_json(tmp / QUANT_CONFIG_NAME, record)
+        shutil.copy2(run_dir / "tokenizer.json", tmp / "tokenizer.json")
+    return {
+        "bits": bits,
+        "group_size": record["group_size"],
+        "modules": len(record["modules"]),
+        "disk_bytes_in": (run_dir / "model.safetensors").stat().st_size,
+        "disk_bytes_out": (out_dir / "model.safetensors").stat().st_size,
+        "linear_bytes_fp32": fp32_linear,
+        "linear_bytes_quantized": q_linear,
+        "linear_fraction": q_linear / fp32_linear,
+    }
+
+
+def load_quantized(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """Build the model of a quantized run directory: QuantLinear where quantization.json says."""
+    from lmforge.model import ModelConfig, Transformer
+
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / QUANT_CONFIG_NAME).read_text(encoding="utf-8"))
+        bits, group_size, modules = record["bits"], record.get("group_size") or 64, record["modules"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: not a valid quantization record ({e})") from None
+    config = ModelConfig.load(run_dir / "config.json")
+    weights = run_dir / "model.safetensors"
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(config)
+        for name in modules:
+            try:
+                lin = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: module {name!r} is not in the model") from None
+            _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None))
+    model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: does not match {QUANT_CONFIG_NAME}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(tensors, strict=False)
+    model.reset_rope()
+    if dtype is not None:  # activations, norms and embeddings; quantized weights keep their dtype
+        for m in model.modules():
+            if not isinstance(m, QuantLinear):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+    model.quantization = record
+    return model.eval()

@@ -1,0 +1,112 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023), greedy.
+
+A small draft model sharing the tokenizer guesses k tokens one at a time (cheap); the target
+model then scores all k guesses in ONE forward call of k+1 tokens (about the cost of one decode
+step on a CPU, where a step is bound by reading the weights, not by arithmetic). Guesses are
+accepted while they equal the target's own argmax; at the first mismatch the target's token is
+taken instead, and when all k match the target's next token comes free. So every round yields
+1..k+1 tokens, and the output is exactly what the target alone would produce greedily.
+
+Per round, for each row whose last token x0 goes to slot q (per-row positions: rows accept
+different numbers of tokens and drift apart):
+    draft:  [prev, x0] at slots [q-1, q] -> d1; then d_j at slot q+j -> d_{j+1}   (k calls)
+            (re-feeding prev catches the draft up when it accepted all k last round)
+    target: [x0, d1..dk] at slots q..q+k -> g0..gk; accept a = #leading d_j == g_{j-1};
+            emit d1..da, g_a. Slots past q+a hold rejected tokens; they are simply overwritten
+            later (the cache shows each query only slots <= its own position).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from lmforge.infer.engine import Request, Row, StreamEvent, cache_rows
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import KVCache
+
+
+def _keep_rows(cache: KVCache, keep: torch.Tensor) -> KVCache:
+    out = KVCache.__new__(KVCache)
+    out.k, out.v, out.pos = cache.k[:, keep].contiguous(), cache.v[:, keep].contiguous(), cache.pos[keep].clone()
+    return out
+
+
+@torch.inference_mode()
+def _prefill(model, cache: KVCache, ids: list[int], row: int, device) -> torch.Tensor:
+    view = cache_rows(cache, row, row + 1)
+    view.pos.zero_()
+    logits, _ = model(torch.tensor([ids], device=device), kv_cache=view)
+    return logits[0, -1]  # (V,)
+
+
+@torch.inference_mode()
+def _round(target, draft, ct: KVCache, cd: KVCache, rows: list[Row], k: int, device):
+    """One draft-then-verify round. Returns (accepted tokens per row, their log-probs, drafts used)."""
+    B = len(rows)
+    q = torch.tensor([row.n_tokens - 1 for row in rows], device=device)  # (B,) slot of x0
+    x0 = torch.tensor([row.last_token for row in rows], device=device)  # (B,)
+    if k > 0:
+        prev = torch.tensor([(row.request.prompt_ids + row.token_ids)[row.n_tokens - 2] for row in rows], device=device)
+        logits, _ = draft(torch.stack([prev, x0], 1), kv_cache=cd, positions=q[:, None] + torch.arange(-1, 1, device=device))
+        guesses = [logits[:, -1].argmax(-1)]  # each (B,)
+        for j in range(1, k):
+            logits, _ = draft(guesses[-1][:, None], kv_cache=cd, positions=(q + j)[:, None])
+            guesses.append(logits[:, -1].argmax(-1))
+        drafts = torch.stack(guesses, 1)  # (B, k)
+        inp = torch.cat([x0[:, None], drafts], 1)  # (B, k+1)
+    else:
+        drafts = torch.empty(B, 0, dtype=torch.long, device=device)
+        inp = x0[:, None]
+    logits, _ = target(inp, kv_cache=ct, positions=q[:, None] + torch.arange(k + 1, device=device))  # (B, k+1, V)
+    best = logits.argmax(-1)  # (B, k+1)
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, best[..., None])[..., 0]  # (B, k+1)
+    accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (B,)
+    best, logprobs, accepted = best.tolist(), logprobs.tolist(), accepted.tolist()
+    # accepted drafts equal the target's argmax there, so best[b][:a+1] = d1..da, g_a
+    return [best[b][: accepted[b] + 1] for b in range(B)], [logprobs[b][: accepted[b] + 1] for b in range(B)], k * B, sum(accepted)
+
+
+def speculative_stream(engine, ids_list: list[list[int]], params_list: list[SamplingParams]) -> Iterator[StreamEvent]:
+    """Greedy generation of the engine's model, k = engine.num_draft_tokens guesses per round
+    from engine.draft_model; updates engine.spec_stats (proposed, accepted, target_steps)."""
+    target, draft, k = engine.model, engine.draft_model, engine.num_draft_tokens
+    tok = engine.tokenizer
+    device = next(target.parameters()).device
+    C = min(target.config.block_size, draft.config.block_size)
+    if max(len(ids) for ids in ids_list) > C:
+        raise ValueError(f"prompt longer than the draft model's context of {C} tokens")
+    rows: list[Row] = []
+    for i, (ids, p) in enumerate(zip(ids_list, params_list)):
+        request = Request(ids, p, min(p.max_new_tokens, C - len(ids) + 1))
+        request.id = i + 1
+        stop_ids = set(p.stop_token_ids) | ({tok.eos_id} if tok.eos_id is not None and not p.ignore_eos else set())
+        rows += [Row(request, j, tok, stop_ids, engine.config.vocab_size) for j in range(p.n)]
+    S = min(C, max(len(r.request.prompt_ids) + r.request.max_tokens + k for r in rows))
+    dt = next(target.parameters()).dtype
+    ct = KVCache(target.config, len(rows), S, device=device, dtype=dt)
+    cd = KVCache(draft.config, len(rows), S, device=device, dtype=next(draft.parameters()).dtype)
+    for b, row in enumerate(rows):
+        ids = row.request.prompt_ids
+        logits = _prefill(target, ct, ids, b, device)
+        _prefill(draft, cd, ids, b, device)
+        token = int(logits.argmax())
+        yield row.add_token(token, float(torch.log_softmax(logits.float(), -1)[token]))
+    while True:
+        keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            ct, cd, rows = _keep_rows(ct, index), _keep_rows(cd, index), [rows[b] for b in keep]
+        k_eff = max(0, min(k, min(S - 1 - (row.n_tokens - 1) for row in rows)))
+        tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device)
+        engine.spec_stats["proposed"] += proposed
+        engine.spec_stats["accepted"] += accepted
+        engine.spec_stats["target_steps"] += 1
+        for row, toks, lps in zip(rows, tokens, logprobs):
+            for t, lp in zip(toks, lps):
+                yield row.add_token(t, lp)
+                if row.finish_reason is not None:
+                    break

@@ -1,0 +1,58 @@
+"""loss.png: the training loss (raw and smoothed) and validation loss against steps, with
+validation bits per byte on a second panel when recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
+    """Write the loss curve of a run's metrics.jsonl to `png_path` (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.io import atomic_path
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and "event" not in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    bpb = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    fig, axes = plt.subplots(1, 2 if bpb else 1, figsize=(11 if bpb else 6.5, 4), squeeze=False)
+    ax = axes[0, 0]
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, label="train loss")
+        smooth, ema = [], losses[0]
+        for x in losses:
+            ema = 0.9 * ema + 0.1 * x
+            smooth.append(ema)
+        ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="train loss (EMA)")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=3, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if bpb:
+        ax2 = axes[0, 1]
+        ax2.plot(*zip(*bpb), "o-", color="tab:green", lw=1.5, ms=3)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("val bits per byte")
+        ax2.grid(alpha=0.3)
+        ax2.set_title(f"final {bpb[-1][1]:.3f} bits/byte")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

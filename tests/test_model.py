@@ -1,0 +1,225 @@
+"""The Transformer: loss, KV cache against the uncached forward, positions, save/load, init."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.model import KVCache, ModelConfig, Transformer, load_pretrained, save_pretrained
+
+V = 97
+
+
+def make(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, ffn_hidden=96, block_size=64)
+    cfg.update(overrides)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+GPT2_LIKE = dict(norm="layernorm", activation="gelu", pos_emb="learned", bias=True, tie_embeddings=True, n_kv_head=4)
+VARIANTS = {"gqa-rope": {}, "mha-rope-tied": dict(n_kv_head=4, tie_embeddings=True), "gpt2-like": GPT2_LIKE,
+            "qwen2-like": dict(attn_bias=True), "qk-norm": dict(qk_norm=True)}
+
+
+def test_loss_is_cross_entropy_ignoring_minus_100():
+    model = make()
+    idx = torch.randint(0, V, (3, 20))
+    targets = torch.randint(0, V, (3, 20))
+    targets[0, :5] = -100
+    targets[2, 10:] = -100
+    logits, loss = model(idx, targets)
+    keep = targets != -100
+    expected = F.cross_entropy(logits[keep], targets[keep])  # reference over the kept tokens only
+    torch.testing.assert_close(loss, expected)
+    assert model(idx)[1] is None
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = make()
+    idx = torch.randint(0, V, (2, 16))
+    a = model(idx)[0]
+    idx2 = idx.clone()
+    idx2[:, 10:] = torch.randint(0, V, (2, 6))
+    b = model(idx2)[0]
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_prefill_then_decode_matches_uncached(variant):
+    model = make(**VARIANTS[variant])
+    idx = torch.randint(0, V, (2, 24))
+    ref = model(idx)[0]
+    cache = KVCache(model.config, batch_size=2, max_len=40)
+    pieces = [model(idx[:, :9], kv_cache=cache)[0]]  # prefill from empty cache
+    assert cache.pos.tolist() == [9, 9]
+    pieces.append(model(idx[:, 9:15], kv_cache=cache)[0])  # chunked prefill at an offset
+    for t in range(15, 24):  # one token at a time
+        pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+    assert cache.pos.tolist() == [24, 24]
+    torch.testing.assert_close(torch.cat(pieces, 1), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gqa-rope", "gpt2-like"])
+@torch.no_grad()
+def test_right_padded_batch_with_different_lengths(variant):
+    """Rows of lengths 5, 11, 8 prefilled as one right-padded batch, then decoded together at
+    their own positions: each row's logits equal that row run alone without a cache."""
+    model = make(seed=1, **VARIANTS[variant])
+    lengths = [5, 11, 8]
+    n_new = 6
+    seqs = [torch.randint(0, V, (n + n_new,)) for n in lengths]
+    T = max(lengths)
+    batch = torch.zeros(3, T, dtype=torch.long)  # pad id 0
+    for b, n in enumerate(lengths):
+        batch[b, :n] = seqs[b][:n]
+    cache = KVCache(model.config, batch_size=3, max_len=32)
+    logits = model(batch, kv_cache=cache)[0]
+    cache.pos = torch.tensor(lengths)  # the engine rolls each row back to its real length
+    got = [[logits[b, n - 1]] for b, n in enumerate(lengths)]
+    for step in range(n_new):
+        nxt = torch.stack([seqs[b][n + step] for b, n in enumerate(lengths)])[:, None]  # (3, 1)
+        out = model(nxt, kv_cache=cache)[0]
+        for b in range(3):
+            got[b].append(out[b, 0])
+    assert cache.pos.tolist() == [n + n_new for n in lengths]
+    for b, n in enumerate(lengths):
+        ref = model(seqs[b][None])[0][0, n - 1:]  # (n_new + 1, V)
+        torch.testing.assert_close(torch.stack(got[b]), ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_explicit_positions_and_rollback():
+    """Writing at explicit (scattered) positions, and rewriting after lowering cache.pos, give
+    the same logits as the uncached forward of the final sequence."""
+    model = make(seed=2)
+    idx = torch.randint(0, V, (2, 12))
+    ref = model(idx)[0]
+    cache = KVCache(model.config, batch_size=2, max_len=16)
+    model(idx[:, :8], kv_cache=cache)
+    wrong = torch.randint(0, V, (2, 3))
+    model(wrong, kv_cache=cache)  # speculative tokens, rejected
+    cache.pos -= 3
+    pos = cache.pos[:, None] + torch.arange(4)
+    out = model(idx[:, 8:], kv_cache=cache, positions=pos)[0]
+    torch.testing.assert_close(out, ref[:, 8:], atol=1e-5, rtol=1e-5)
+    # rows at different positions in one call: row 0 redoes token 11, row 1 token 10
+    cache.pos = torch.tensor([11, 10])
+    out = model(torch.stack([idx[0, 11:12], idx[1, 10:11]]), kv_cache=cache)[0]
+    torch.testing.assert_close(out[:, 0], torch.stack([ref[0, 11], ref[1, 10]]), atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [12, 11]
+
+
+def test_cache_out_of_range_is_an_error():
+    model = make()
+    cache = KVCache(model.config, batch_size=1, max_len=8)
+    with pytest.raises(ValueError, match="max_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="block_size=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_positions_without_cache_shift_rope_only():
+    """RoPE attention depends on relative positions only, so shifting every position by 7
+    leaves the logits unchanged; learned positions take the rows given."""
+    model = make(seed=3)
+    idx = torch.randint(0, V, (2, 10))
+    shifted = model(idx, positions=torch.arange(7, 17).expand(2, 10))[0]
+    torch.testing.assert_close(shifted, model(idx)[0], atol=1e-5, rtol=1e-5)
+    gpt = make(seed=3, **GPT2_LIKE)
+    a = gpt(idx, positions=torch.arange(10).expand(2, 10))[0]
+    torch.testing.assert_close(a, gpt(idx)[0])
+    assert not torch.allclose(gpt(idx, positions=torch.arange(5, 15).expand(2, 10))[0], a)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lmforge.model.transformer import rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf_cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
+                                      rope_parameters={**scaling, "rope_theta": 500000.0})
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = rope_inv_freq(128, 500000.0, {"type": "llama3", **{k: v for k, v in scaling.items() if k != "rope_type"}})
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    assert not torch.equal(ours, rope_inv_freq(128, 500000.0))
+
+
+def test_init_weights_scheme_and_seed():
+    model = make(n_layer=4, n_embd=256, ffn_hidden=512, n_kv_head=4)
+    model.init_weights(seed=0)
+    q = model.layers[0].self_attn.q_proj.weight
+    o = model.layers[0].self_attn.o_proj.weight
+    assert abs(q.std().item() - 0.02) < 0.001
+    assert abs(o.std().item() - 0.02 / math.sqrt(2 * 4)) < 0.0005
+    assert torch.equal(model.layers[1].input_layernorm.weight, torch.ones(256))
+    before = q.clone()
+    model.init_weights(seed=0)
+    assert torch.equal(model.layers[0].self_attn.q_proj.weight, before)
+
+
+@torch.no_grad()
+def test_meta_device_then_to_empty_and_init():
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset("tiny", vocab_size=V))
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.init_weights(seed=0)
+    ref = Transformer(ModelConfig.from_preset("tiny", vocab_size=V))
+    torch.testing.assert_close(model.rope_cos, ref.rope_cos, atol=0, rtol=0)
+    logits, loss = model(torch.randint(0, V, (1, 8)), torch.randint(0, V, (1, 8)))
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(V)) < 0.5
+
+
+@pytest.mark.parametrize("variant", ["gqa-rope", "gpt2-like"])
+def test_save_load_roundtrip(variant, tmp_path):
+    model = make(**VARIANTS[variant])
+    save_pretrained(model, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_pretrained(tmp_path / "run")
+    assert loaded.config == model.config
+    idx = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0], atol=0, rtol=0)
+    if model.config.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    half = load_pretrained(tmp_path / "run", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_load_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(tmp_path / "nope")
+    model = make()
+    save_pretrained(model, tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").rename(tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_pretrained(tmp_path / "run")
+    (tmp_path / "w").rename(tmp_path / "run" / "model.safetensors")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(ValueError, match=r"model.safetensors.*missing tensors.*layers\.2"):
+        load_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**cfg, "n_embd": 128}))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_pretrained(tmp_path / "run")
+
+
+def test_backward_reaches_every_parameter():
+    model = make(**VARIANTS["qwen2-like"]).train()
+    idx = torch.randint(0, V, (2, 12))
+    _, loss = model(idx, idx)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
