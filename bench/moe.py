@@ -9,7 +9,7 @@
      reference.
 2. training tokens/s (forward+backward) of the whole `small-moe` model against `small`.
 
-    python bench/moe.py [--tokens 4096] [--repeats 10] [--dtype fp32|bf16]
+    python bench/moe.py [--tokens 4096] [--repeats 10] [--dtype fp32|bf16] [--threads N]
 """
 
 from __future__ import annotations
@@ -136,7 +136,10 @@ def main():
     p.add_argument("--model-seq", type=int, default=256, help="sequence length for the whole-model comparison")
     p.add_argument("--model-repeats", type=int, default=5, help="timed training steps per model")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="parameter and activation dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     result = {
         "bench": "moe",

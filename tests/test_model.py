@@ -223,3 +223,21 @@ def test_backward_reaches_every_parameter():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_moe_layers_add_their_losses_while_training():
+    pytest.importorskip("lmforge.model.moe")
+    model = make(n_expert=4, n_expert_per_token=2, moe_layers=[1], router="sigmoid_bias").train()
+    idx = torch.randint(0, V, (2, 12))
+    logits, loss = model(idx, idx)
+    stats = model.moe_stats()
+    assert len(stats) == 1 and not stats[0]["aux_loss"].requires_grad
+    ce = F.cross_entropy(logits.view(-1, V), idx.view(-1))
+    extra = model.config.aux_loss_coef * stats[0]["aux_loss"] + model.config.z_loss_coef * stats[0]["z_loss"]
+    assert extra > 0
+    torch.testing.assert_close(loss, ce + extra)
+    loss.backward()
+    assert model.layers[1].mlp.router.weight.grad is not None
+    model.update_router_biases()
+    model.eval()
+    torch.testing.assert_close(model(idx, idx)[1], F.cross_entropy(model(idx)[0].view(-1, V), idx.view(-1)))

@@ -12,7 +12,7 @@ import regex
 
 from conftest import data_file
 from lmforge.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer, train
-from lmforge.tokenizer.train import count_chunks, learn_merges
+from lmforge.tokenizer.training import count_chunks, learn_merges
 
 
 def naive_merges(chunk_counts: dict[str, int], n_merges: int) -> list[bytes]:
@@ -79,10 +79,10 @@ def test_input_kinds_give_the_same_tokenizer(tmp_path):
 
 def test_special_token_text_in_the_corpus_is_not_learned():
     docs = ["Once upon a time there was a cat.<|eos|>" * 3, "The end<|eos|><|bos|>"] * 50
-    tok = train(docs, vocab_size=300)
+    tok = train(docs, vocab_size=280)
     assert not any(b"<|" in t or b"|>" in t for t in tok.ranks)
     # the control: without special tokens the markers are ordinary text and get merged
-    assert any(b"|>" in t or b"<|" in t for t in train(docs, vocab_size=300, special_tokens=[]).ranks)
+    assert any(b"|>" in t or b"<|" in t for t in train(docs, vocab_size=280, special_tokens=[]).ranks)
 
 
 def test_special_tokens_and_vocab_size():
@@ -131,6 +131,12 @@ def test_missing_and_unreadable_paths(tmp_path):
     with pytest.raises(PermissionError) as e:
         train([secret], vocab_size=300)
     assert e.value.filename == str(secret)
+
+
+def test_a_str_naming_a_file_is_refused(tmp_path):
+    (tmp_path / "corpus.txt").write_text("text")
+    with pytest.raises(ValueError, match=r"pass pathlib.Path"):
+        train([str(tmp_path / "corpus.txt")], vocab_size=300)
 
 
 def test_jsonl_line_without_the_field(tmp_path):

@@ -1,5 +1,92 @@
-"""CLI for this stage (to be filled in)."""
+"""`lmforge demo` (world -> tokenizer -> pretrain -> evaluate, in about ten minutes of CPU) and
+`lmforge eval` (a run directory on the world's evaluation sets)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from lmforge.cli import add_command
+
+
+def _tasks_arg(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+DEMO_TASKS = "addition_2digit,translation_4shot,arithmetic,fewshot,closed_book,open_book,arithmetic_cot"
 
 
 def register(subparsers):
-    pass
+    p = add_command(subparsers, "demo", "generate the world, train a tokenizer, pretrain `small` for a few minutes, evaluate, print samples",
+                    func=cmd_demo)
+    p.add_argument("--out", default="runs/demo", help="run directory (reused data: world, tokenizer and shards are kept)")
+    p.add_argument("--minutes", type=float, default=6.0, help="pretraining time budget in minutes")
+    p.add_argument("--size", default="10MB", help="bytes of world text to generate")
+    p.add_argument("--seed", type=int, default=0, help="world and training seed")
+    p.add_argument("--preset", default="small", help="model preset")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")
+    p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated evaluation sets (chat and tool sets need later stages)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = add_command(subparsers, "eval", "score a run on the built-in world's held-out evaluation sets (greedy, exact and normalised match)",
+                    func=cmd_eval)
+    p.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--world", default=None, help="a world directory whose eval/ sets to use (default: World(--seed).tasks())")
+    p.add_argument("--seed", type=int, default=0, help="world seed when --world is not given")
+    p.add_argument("--tasks", default=None, help="comma-separated sets (default: all)")
+    p.add_argument("--max-items", type=int, default=200, help="items per set")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def print_report(report: dict, file=sys.stdout) -> None:
+    from lmforge.eval.tasks import TaskResult, score_table
+
+    results = {k: TaskResult(**v) for k, v in report["eval"].items()}
+    print("\nsamples (greedy):", file=file)
+    for s in report.get("samples", []):
+        print(f"  {s['prompt'].splitlines()[-1]!r} -> {s['completion'].splitlines()[0] if s['completion'].strip() else s['completion']!r}", file=file)
+    print("\n" + score_table(results), file=file)
+
+
+def cmd_demo(args) -> int:
+    from lmforge.eval.demo import demo
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    report = demo(args.out, minutes=args.minutes, size=args.size, seed=args.seed, preset=args.preset,
+                  vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                  eval_items=args.eval_items, tasks=_tasks_arg(args.tasks), progress=not args.no_progress, log=log)
+    tr = report["train"]
+    print(f"\ntrained {tr['step']} steps, {tr['tokens']:,} tokens, final loss {tr['loss']:.3f}" if tr.get("loss") is not None else "")
+    print_report(report)
+    times = report["timings"]
+    print(f"\ntime: {times['total']:.0f} s (world {times['world']:.0f}, tokenizer {times['tokenizer']:.0f}, shards {times['shards']:.0f}, "
+          f"pretrain {times['pretrain']:.0f}, eval {times['eval']:.0f})")
+    print(f"run directory: {args.out}  (try: lmforge sample --run {args.out}; lmforge eval --run {args.out})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmforge.eval.demo import evaluate_run
+
+    report = evaluate_run(args.run, args.world, seed=args.seed, tasks=_tasks_arg(args.tasks), max_items=args.max_items,
+                          progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+    else:
+        print_report(report)
+    return 0

@@ -45,8 +45,13 @@ def cmd_pretrain(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
-    overrides["max_steps"] = args.max_steps
-    overrides["max_time"] = parse_duration(args.max_time)
+    # on --resume the saved config is used; only a new step or time budget changes it
+    resume_overrides = {}
+    if args.max_steps is not None:
+        resume_overrides["max_steps"] = args.max_steps
+    if args.max_time is not None:
+        resume_overrides["max_time"] = parse_duration(args.max_time)
+    overrides.update(resume_overrides)
     if args.compile:
         overrides["compile"] = True
     if args.fsdp:
@@ -64,7 +69,7 @@ def cmd_pretrain(args) -> int:
             print("resolved config: " + json.dumps(resolved, sort_keys=True), file=sys.stderr)
 
     try:
-        summary = pretrain(run, args.out, resume=args.resume, progress=not args.quiet, log=log)
+        summary = pretrain(run, args.out, resume=args.resume, progress=not args.quiet, log=log, resume_overrides=resume_overrides)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
     finally:
@@ -87,7 +92,7 @@ def register(subparsers):
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--preset", default="small", help="model preset (see `lmforge params`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model, train or data config key (repeatable); unknown keys are an error")
-    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps [1000; on --resume: the run's own]")
     p.add_argument("--max-time", default=None, help="stop after this much training time (e.g. 600, 10m, 1h), with a checkpoint")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer to use (default: the one stored with the shards); must match the shards")

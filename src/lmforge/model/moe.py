@@ -140,6 +140,39 @@ def experts_swiglu(x: torch.Tensor, counts: torch.Tensor, w_gate: torch.Tensor, 
     return torch.cat(out)  # (M, C)
 
 
+class _Permute(torch.autograd.Function):
+    """y = a[perm] for a permutation `perm` with inverse `inv`; the gradient is g[inv], a gather
+    (autograd's default for indexing would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, a, perm, inv):
+        ctx.save_for_backward(inv)
+        return a[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad[inv], None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (N, C) -> x[token] (M, C) where every token occurs exactly k times (dropless dispatch);
+    `inverse[m]` is the row holding assignment m = slot * N + token. Gradient: put rows back in
+    slot-major order with a gather, then sum the k copies of each token."""
+
+    @staticmethod
+    def forward(ctx, x, token, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[token]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        M, C = grad.shape
+        return grad[inverse].view(ctx.k, M // ctx.k, C).sum(0), None, None, None
+
+
 class SwiGLU(nn.Module):
     """The always-on shared experts (DeepSeek-MoE): one dense SwiGLU of width n_shared * F."""
 
@@ -220,23 +253,14 @@ class MoEFeedForward(nn.Module):
 
         # Flatten the assignments slot-major (every token's first choice, then every second
         # choice) so that a stable sort by expert puts first choices ahead under a capacity limit.
-        flat_expert = experts.t().reshape(-1)  # (M,)
-        flat_token = torch.arange(N, device=x.device).repeat(k)  # (M,)
-        flat_weight = weights.t().reshape(-1)  # (M,)
+        flat_expert = experts.t().reshape(-1)  # (M,) assignment m = slot * N + token
         order = torch.argsort(flat_expert, stable=True)  # (M,) assignments grouped by expert
         counts = torch.bincount(flat_expert, minlength=E)  # (E,)
-        kept = counts
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * N * k / E)
-            starts = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
-            rank = torch.arange(order.numel(), device=x.device) - starts[flat_expert[order]]  # (M,) place in its expert's queue
-            order = order[rank < capacity]  # (M',)
-            kept = counts.clamp(max=capacity)
-
-        token = flat_token[order]  # (M',) which token each sorted row belongs to
-        h = experts_swiglu(x[token], kept, self.w_gate, self.w_up, self.w_down)  # (M', C)
-        h = h * flat_weight[order, None].to(h.dtype)
-        y = torch.zeros_like(x, dtype=h.dtype).index_add_(0, token, h)  # (N, C) sum of each token's k weighted experts
+        if self.capacity_factor is None:
+            y = self._dropless(x, weights, order, counts)
+            kept = counts
+        else:
+            y, kept = self._with_capacity(x, weights, flat_expert, order, counts)
         if self.shared is not None:
             y = y + self.shared(x)
 
@@ -252,6 +276,33 @@ class MoEFeedForward(nn.Module):
             "drop_rate": 1.0 - kept.sum().float() / counts_f.sum(),
         }
         return y.view(B, T, C)
+
+    def _dropless(self, x, weights, order, counts):
+        """Every assignment computed. Gathers only, in both directions: because each token has
+        exactly k rows, the gradient of the dispatch is a permutation and a sum over k, and the
+        gradient of the combine a permutation (index_add_/scatter backward passes are slow on CPU)."""
+        N, C = x.shape
+        k = weights.shape[1]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)  # (M,) sorted row of assignment m
+        x_sorted = _Dispatch.apply(x, order % N, inverse, k)  # (M, C) token of sorted row r is order[r] mod N
+        h = experts_swiglu(x_sorted, counts, self.w_gate, self.w_up, self.w_down)  # (M, C)
+        h = _Permute.apply(h, inverse, order).view(k, N, C)  # (k, N, C) back in slot-major order
+        return (h * weights.t().to(h.dtype)[:, :, None]).sum(0)  # (N, C)
+
+    def _with_capacity(self, x, weights, flat_expert, order, counts):
+        """Each expert keeps its first `capacity` sorted assignments; the rest are dropped."""
+        N, C = x.shape
+        k, E = weights.shape[1], self.n_expert
+        capacity = math.ceil(self.capacity_factor * N * k / E)
+        starts = counts.cumsum(0) - counts  # (E,) first sorted row of each expert
+        rank = torch.arange(order.numel(), device=x.device) - starts[flat_expert[order]]  # (M,) place in its expert's queue
+        order = order[rank < capacity]  # (M',)
+        kept = counts.clamp(max=capacity)
+        token = order % N  # (M',)
+        h = experts_swiglu(x[token], kept, self.w_gate, self.w_up, self.w_down)  # (M', C)
+        h = h * weights.t().reshape(-1)[order, None].to(h.dtype)
+        return torch.zeros_like(x, dtype=h.dtype).index_add_(0, token, h), kept  # (N, C)
 
     @torch.no_grad()
     def update_router_bias(self) -> None:

@@ -8,6 +8,6 @@
 
 from .patterns import PATTERNS
 from .tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer
-from .train import train
+from .training import train
 
 __all__ = ["PATTERNS", "SPECIAL_TOKENS", "StreamDecoder", "Tokenizer", "train"]

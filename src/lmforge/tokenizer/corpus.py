@@ -35,6 +35,9 @@ def expand_inputs(inputs) -> list[str | Path]:
     out: list[str | Path] = []
     for item in inputs:
         if isinstance(item, str):
+            if len(item) < 4096 and "\n" not in item and item.strip() and os.path.exists(item):
+                # a footgun worth one check: train(["corpus.txt"]) would learn from the 10 letters
+                raise ValueError(f"training input {item!r} is a str naming an existing path; pass pathlib.Path({item!r}) to read the file (a str is used as text)")
             out.append(item)
             continue
         if not isinstance(item, os.PathLike):

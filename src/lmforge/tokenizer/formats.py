@@ -23,7 +23,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from ..io import atomic_write_json
+import regex
+
+from ..io import atomic_write_json, atomic_write_text
 from .bpe import merges_from_ranks
 from .patterns import GPT2, PATTERNS, resolve_pattern
 from .tokenizer import Tokenizer
@@ -119,7 +121,7 @@ def _pattern_from_hf(pre: dict | None, source) -> str:
             if step.get("behavior") != "Isolated" or step.get("invert"):
                 raise ValueError(f"{source}: Split pre-tokenizer with behavior {step.get('behavior')!r}, invert={step.get('invert')} is not supported (only Isolated)")
             pat = step["pattern"]
-            pattern = pat["Regex"] if "Regex" in pat else __import__("regex").escape(pat["String"])
+            pattern = pat["Regex"] if "Regex" in pat else regex.escape(pat["String"])
         elif kind == "ByteLevel":
             if step.get("add_prefix_space"):
                 raise ValueError(f"{source}: ByteLevel add_prefix_space=true is not supported")
@@ -201,8 +203,6 @@ def load_tiktoken_file(path: str | os.PathLike, pattern: str | None = None, spec
 
 
 def save_tiktoken_file(tok: Tokenizer, path: str | os.PathLike) -> None:
-    from ..io import atomic_write_text
-
     lines = [f"{base64.b64encode(t).decode()} {i}" for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])]
     atomic_write_text(path, "\n".join(lines) + "\n")
 

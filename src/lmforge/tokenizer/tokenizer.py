@@ -166,13 +166,12 @@ class Tokenizer:
 class StreamDecoder:
     """Decode ids one at a time, emitting text only when its characters are complete.
 
-    >>> dec = tok.stream_decoder()
-    >>> [dec.push(i) for i in tok.encode("é")]   # é is 2 bytes; a byte-level token may hold one
-    ['', 'é']  (or ['é'] when é is a single token)
-    >>> dec.flush()
-    ''
+        dec = tok.stream_decoder()
+        for id in ids:
+            print(dec.push(id), end="")   # "" while a multi-byte character is still incomplete
+        print(dec.flush())                # whatever was held back (U+FFFD if it never completed)
 
-    The concatenation of all pushes and the final flush equals `tok.decode(all_ids)`: Python's
+    The concatenation of all pushes and the final flush equals `tok.decode(ids)`: Python's
     incremental UTF-8 decoder holds back an incomplete sequence and replaces invalid bytes exactly
     as the one-shot decoder does.
     """

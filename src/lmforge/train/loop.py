@@ -26,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -186,9 +188,14 @@ def train(
         data.load_state_dict(state["data"])
         if rank == 0:
             _truncate_metrics(metrics_path, step)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
+    else:
+        # a fresh run seeds every RNG it uses (dropout, sampling); rank-offset so dropout masks differ per rank
+        random.seed(config.seed + rank)
+        np.random.seed(config.seed + rank)
+        torch.manual_seed(config.seed + rank)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            metrics_path.unlink(missing_ok=True)
     last_ckpt_step = step if resume else None
 
     forward_model = torch.compile(model) if config.compile else model

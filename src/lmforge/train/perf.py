@@ -18,8 +18,9 @@ import torch
 @functools.lru_cache(maxsize=None)
 def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 1024, repeats: int = 5) -> float:
     """Best-of-`repeats` FLOP/s of an (n, n) @ (n, n) matmul (2 n^3 FLOPs) in `dtype` on `device`."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG: runs must stay reproducible
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     a @ b  # warm up (kernel selection, page faults)
     best = float("inf")
     for _ in range(repeats):

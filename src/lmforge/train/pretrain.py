@@ -175,10 +175,13 @@ def make_sample(tokenizer, prompt: str, max_new_tokens: int, world: int):
     return sample
 
 
-def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, log=None) -> dict:
+def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, log=None,
+             resume_overrides: dict | None = None) -> dict:
     """Run (or resume) a pretraining run into `out`; returns the loop's summary.
 
-    `log(msg)` receives human-readable lines (the resolved config first); the library prints nothing.
+    Resuming reuses the run's saved train_config.json; only `resume_overrides` (e.g. a new
+    max_steps or max_time) change it. `log(resolved_config)` receives the full resolved config
+    before training starts; the library prints nothing.
     """
     from lmforge.model import ModelConfig, Transformer
     from lmforge.model.params import flops_per_token
@@ -191,9 +194,7 @@ def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bo
     if resume and (out / CONFIG_NAME).is_file():
         import json
 
-        saved = RunConfig.from_dict(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8")))
-        saved.train.max_steps, saved.train.max_time = run.train.max_steps, run.train.max_time
-        run = saved
+        run = apply_overrides(RunConfig.from_dict(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))), resume_overrides or {})
     elif not resume and find_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run (train_state/); pass --resume to continue it or choose another --out")
 

@@ -22,8 +22,8 @@ HELDOUT_FRACTION = 0.10
 
 # kinds of bare problems and how often each is drawn: (op, digits of a, digits of b), weight
 BARE_MIX = [
-    (("+", 2, 2), 0.50), (("+", 1, 2), 0.06), (("+", 1, 1), 0.04), (("+", 3, 3), 0.08),
-    (("-", 2, 2), 0.14), (("*", 1, 1), 0.08), (("*", 2, 1), 0.10),
+    (("+", 2, 2), 0.70), (("+", 1, 2), 0.04), (("+", 1, 1), 0.03), (("+", 3, 3), 0.05),
+    (("-", 2, 2), 0.08), (("*", 1, 1), 0.05), (("*", 2, 1), 0.05),
 ]
 _LOW = {1: 0, 2: 10, 3: 100, 4: 1000}
 _HIGH = {1: 9, 2: 99, 3: 999, 4: 9999}
@@ -51,6 +51,8 @@ class Arithmetic:
         # 1000 slots filled in proportion to the weights: one random() picks a kind
         self._bare_slots = [spec for spec, w in BARE_MIX for _ in range(round(w * 1000))]
         self._tables: dict = {}
+        self._bare_slot_tables = None
+        assert len(self._bare_slots) == 1000
 
     def table(self, kind: str, spec: tuple) -> list[str]:
         """Every training (non-held-out) line of a small problem kind, built once: generating by
@@ -101,15 +103,18 @@ class Arithmetic:
 
     def bare_document(self, rng: random.Random) -> str:
         """A block of 6-16 bare problems, one per line."""
+        if self._bare_slot_tables is None:
+            # small kinds come from their table, larger ones (3 digits) are drawn one by one
+            self._bare_slot_tables = [self.table("bare", s) if s[1] <= 2 and s[2] <= 2 else s for s in self._bare_slots]
+        slots = self._bare_slot_tables
         lines = []
         random_ = rng.random
         for _ in range(6 + int(random_() * 11)):
-            spec = self._bare_slots[int(random_() * len(self._bare_slots))]
-            if spec[1] <= 2 and spec[2] <= 2:
-                table = self.table("bare", spec)
-                lines.append(table[int(random_() * len(table))])
+            slot = slots[int(random_() * 1000)]
+            if type(slot) is list:
+                lines.append(slot[int(random_() * len(slot))])
             else:
-                prompt, answer = self.bare_problem(rng, spec)
+                prompt, answer = self.bare_problem(rng, slot)
                 lines.append(f"{prompt} {answer}")
         return "\n".join(lines)
 

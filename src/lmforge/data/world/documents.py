@@ -61,27 +61,32 @@ class Documents:
         self.known_animals = [a for a in enc.animals if a.known]
         self.known_rivers = [r for r in enc.rivers if r.known]
         self.qa_pool = [q for q in enc.train_questions if q[0].known]
-        self._heldout: dict[str, set] = {}
+        self._code_tables: dict[str, dict[str, int]] = {}
         self._translation_lines = {w: translation_line(w) for w in self.words}
 
     def is_heldout_adjacency(self, task: str, previous: str, query: str) -> bool:
-        """Whether the line for `query` may not directly follow the line for `previous` in training."""
-        return zlib.crc32(f"{task}:{previous}>{query}".encode(), self.salt) % 1000 < HELDOUT_ADJACENCY_FRACTION * 1000
+        """Whether the line for `query` may not directly follow the line for `previous` in training.
 
-    def heldout_adjacencies(self, task: str, inputs: list[str]) -> set[tuple[str, str]]:
-        """All held-out (previous, query) pairs of a task, computed once (set lookups are fast)."""
-        if task not in self._heldout:
-            self._heldout[task] = {(p, q) for p in inputs for q in inputs if self.is_heldout_adjacency(task, p, q)}
-        return self._heldout[task]
+        Each input gets a seeded 32-bit code; a pair is held out when a hash of the two codes
+        falls in the lowest HELDOUT_ADJACENCY_FRACTION of its range (cheap enough to test per line).
+        """
+        codes = self._codes(task)
+        return ((codes[previous] * 2654435761 + codes[query]) % 1000003) % 1000 < HELDOUT_ADJACENCY_FRACTION * 1000
+
+    def _codes(self, task: str) -> dict[str, int]:
+        if task not in self._code_tables:
+            inputs = FEWSHOT_TASKS[task][0] if task in FEWSHOT_TASKS else self.words
+            self._code_tables[task] = {x: zlib.crc32(f"{task}:{x}".encode(), self.salt) for x in inputs}
+        return self._code_tables[task]
 
     def fewshot_sequence(self, rng: random.Random, task: str, inputs: list[str], k: int) -> list[str]:
         """k distinct inputs in which no consecutive pair is a held-out adjacency."""
-        held = self.heldout_adjacencies(task, FEWSHOT_TASKS[task][0] if task in FEWSHOT_TASKS else self.words)
+        codes = self._codes(task)
         out: list[str] = []
         n, random_ = len(inputs), rng.random
         while len(out) < k:
             x = inputs[int(random_() * n)]
-            if x in out or (out and (out[-1], x) in held):
+            if x in out or (out and ((codes[out[-1]] * 2654435761 + codes[x]) % 1000003) % 1000 < HELDOUT_ADJACENCY_FRACTION * 1000):
                 continue
             out.append(x)
         return out

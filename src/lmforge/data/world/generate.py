@@ -25,6 +25,7 @@ from .world import DEFAULT_MIX, PRETRAIN_KINDS, World
 
 CHAT_FRACTIONS = {"chat/sft.jsonl": 0.04, "chat/tools.jsonl": 0.02, "preferences/pairs.jsonl": 0.02}
 MIN_CHAT_BYTES = 20_000
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps(ensure_ascii=False) builds one per call
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
 
 
@@ -78,7 +79,7 @@ def _write_jsonl(path: Path, records: Iterable, budget: int | None, bar) -> tupl
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         buf: list[str] = []
         for record in records:
-            line = json.dumps(record, ensure_ascii=False) + "\n"
+            line = _ENCODER.encode(record) + "\n"
             size = len(line) if line.isascii() else len(line.encode("utf-8"))
             buf.append(line)
             n += 1

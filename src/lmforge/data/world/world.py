@@ -29,14 +29,14 @@ PRETRAIN_KINDS = ["arithmetic", "translation", "stories", "encyclopedia", "qa", 
 # The default mix leans on short, consistently formatted arithmetic and translation text: a small
 # model trained for minutes sees only a few million tokens, and these are the skills measured.
 DEFAULT_MIX = {
-    "arithmetic": 0.30,
-    "translation": 0.22,
-    "stories": 0.14,
-    "encyclopedia": 0.10,
-    "qa": 0.06,
-    "arithmetic_cot": 0.07,
-    "word_problems": 0.05,
-    "fewshot": 0.06,
+    "arithmetic": 0.40,
+    "translation": 0.28,
+    "stories": 0.09,
+    "encyclopedia": 0.07,
+    "qa": 0.04,
+    "arithmetic_cot": 0.05,
+    "word_problems": 0.03,
+    "fewshot": 0.04,
 }
 
 

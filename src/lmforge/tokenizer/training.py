@@ -104,7 +104,7 @@ def _count_block(pattern: str, special_tokens: list[str], texts: list[str]) -> C
     <|endoftext|> separators of TinyStories) is cut out, so no merge learns its pieces.
 
     >>> _count_block(r" ?\\w+| ?[^\\w ]+", [], ["the cat. the"])
-    Counter({' the': 1, 'the': 1, ' cat': 1, '.': 1})
+    Counter({'the': 1, ' cat': 1, '.': 1, ' the': 1})
     """
     split = _compile(pattern).findall
     specials = _special_splitter(special_tokens)
@@ -212,39 +212,57 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = F
 
 def _apply_merge(a: int, b: int, t: int, words, counts, pair_counts, where) -> set[int]:
     """Rewrite every chunk holding (a, b) with t, updating pair counts around each occurrence;
-    returns the keys of the new pairs (those with t), whose counts the heap needs."""
+    returns the keys of the new pairs (those with t), whose counts the heap needs.
+
+    Occurrences are found with list.index (C speed) and the chunk is rebuilt from slices, so the
+    Python-level work is per occurrence, not per symbol."""
     key = a << SHIFT | b
     touched = set()
-    ta, tb = t << SHIFT, t
+    tshift = t << SHIFT
     for wi in where.pop(key, ()):
         w = words[wi]
         n = len(w)
         c = counts[wi]
-        new = []
-        i = 0
-        while i < n:
-            x = w[i]
-            if x == a and i + 1 < n and w[i + 1] == b:
-                if new:  # left neighbour p: (p, a) -> (p, t)
-                    p = new[-1]
+        try:
+            i = w.index(a, 0, n - 1)
+        except ValueError:
+            continue  # stale: this chunk lost (a, b) to an earlier merge
+        new = None
+        prev_end = 0  # end of the previous occurrence (i + 2), to know if the left neighbour is t
+        while True:
+            if w[i + 1] == b:
+                if new is None:
+                    new = w[:i]
+                else:
+                    new.extend(w[prev_end:i])
+                if i > 0:  # left neighbour p: (p, a) -> (p, t); p is t if an occurrence just ended
+                    p = t if prev_end == i else w[i - 1]
                     pair_counts[p << SHIFT | a] -= c
-                    k = p << SHIFT | tb
+                    k = p << SHIFT | t
                     pair_counts[k] += c
                     where[k].add(wi)
                     touched.add(k)
                 if i + 2 < n:  # right neighbour q: (b, q) -> (t, q)
                     q = w[i + 2]
                     pair_counts[b << SHIFT | q] -= c
-                    k = ta | q
+                    k = tshift | q
                     pair_counts[k] += c
                     where[k].add(wi)
                     touched.add(k)
                 pair_counts[key] -= c
                 new.append(t)
-                i += 2
+                prev_end = i + 2
+                start = i + 2
             else:
-                new.append(x)
-                i += 1
-        words[wi] = new
+                start = i + 1
+            if start >= n - 1:
+                break
+            try:
+                i = w.index(a, start, n - 1)
+            except ValueError:
+                break
+        if new is not None:
+            new.extend(w[prev_end:])
+            words[wi] = new
     pair_counts.pop(key, None)
     return touched

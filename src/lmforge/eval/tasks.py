@@ -1,0 +1,116 @@
+"""Task accuracy: a model answers the world's evaluation sets by greedy generation and each answer
+is scored by its `EvalItem` (exact match and normalised match).
+
+    from lmforge.eval.tasks import evaluate_tasks, load_tasks
+    tasks = load_tasks("runs/demo/data/world")           # or World(seed).tasks()
+    report = evaluate_tasks(model, tokenizer, tasks)     # {"addition_2digit": TaskResult, ...}
+
+Completion items are plain text prompts; generation stops at the item's stop strings (a newline
+for one-line answers). Chat items (system-prompt compliance) are rendered with the chat template
+(`lmforge.data.chat.render_chat`) and stop at `<|end|>`. Tool-use items need the tool-call loop
+and are skipped here (reported with `skipped`). Prompts are batched through
+`lmforge.infer.engine.Engine`, which keeps a KV cache per row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.data.world import EvalItem
+
+SKIPPED_TASKS = {"tool_use": "needs the tool-call loop (lmforge.prompting tools)"}
+
+
+@dataclass
+class TaskResult:
+    task: str
+    n: int
+    exact: float  # mean exact match
+    normalised: float  # mean normalised match
+    examples: list[dict] = field(default_factory=list)  # a few (prompt, prediction, answer, scores)
+    skipped: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def load_tasks(world_dir, names: list[str] | None = None) -> dict[str, list[EvalItem]]:
+    """The eval sets written by `world.generate` under world_dir/eval (all, or those named)."""
+    d = Path(world_dir) / "eval"
+    if not d.is_dir():
+        raise FileNotFoundError(2, "no eval/ directory (write one with `lmforge world generate`)", str(d))
+    available = sorted(p.stem for p in d.glob("*.jsonl"))
+    for name in names or []:
+        if name not in available:
+            raise ValueError(f"unknown task {name!r}; {d} holds: {', '.join(available)}")
+    tasks = {}
+    for name in names or available:
+        items = []
+        with open(d / f"{name}.jsonl", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    items.append(EvalItem.from_dict(json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ValueError(f"{d / name}.jsonl:{lineno}: not an eval item ({e})") from None
+        tasks[name] = items
+    return tasks
+
+
+def _prompt_ids(tokenizer, item: EvalItem) -> list[int]:
+    if item.kind == "chat":
+        from lmforge.data.chat import render_chat
+
+        return render_chat(tokenizer, item.prompt, add_generation_prompt=True)[0]
+    return tokenizer.encode(item.prompt)
+
+
+def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items: int | None = None,
+                   batch_size: int = 32, n_examples: int = 3, progress: bool = False) -> dict[str, TaskResult]:
+    """Greedy answers to every item (the first `max_items` of each set), scored; one TaskResult per set."""
+    from tqdm import tqdm
+
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+
+    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    end_id = tokenizer.special_tokens.get("<|end|>")
+    results: dict[str, TaskResult] = {}
+    todo = {name: items[:max_items] for name, items in tasks.items()}
+    total = sum(len(v) for k, v in todo.items() if k not in SKIPPED_TASKS)
+    with tqdm(total=total, desc="eval", unit="item", disable=not progress, leave=False) as bar:
+        for name, items in todo.items():
+            if name in SKIPPED_TASKS or not items:
+                results[name] = TaskResult(name, 0, 0.0, 0.0, skipped=SKIPPED_TASKS.get(name, "no items"))
+                continue
+            predictions = []
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                prompts = [_prompt_ids(tokenizer, it) for it in chunk]
+                params = [SamplingParams(max_new_tokens=it.max_new_tokens, temperature=0.0, stop=list(it.stop),
+                                         stop_token_ids=[end_id] if it.kind == "chat" and end_id is not None else [],
+                                         truncation="left") for it in chunk]
+                predictions += [c.text for c in engine.generate(prompts, params)]
+                bar.update(len(chunk))
+            scores = [it.score(p) for it, p in zip(items, predictions)]
+            results[name] = TaskResult(
+                name, len(items),
+                exact=sum(s["exact"] for s in scores) / len(items),
+                normalised=sum(s["normalised"] for s in scores) / len(items),
+                examples=[{"prompt": it.prompt if isinstance(it.prompt, str) else it.prompt[-1]["content"],
+                           "prediction": p, "answer": it.answer, **s}
+                          for it, p, s in list(zip(items, predictions, scores))[:n_examples]],
+            )
+    return results
+
+
+def score_table(results: dict[str, TaskResult]) -> str:
+    """A plain-text table of the results, one task per line."""
+    lines = [f"{'task':<20}{'items':>7}{'exact':>9}{'normalised':>12}"]
+    for name, r in results.items():
+        if r.skipped:
+            lines.append(f"{name:<20}{'-':>7}{'-':>9}{'-':>12}   skipped: {r.skipped}")
+        else:
+            lines.append(f"{name:<20}{r.n:>7}{r.exact:>9.1%}{r.normalised:>12.1%}")
+    return "\n".join(lines)
