@@ -15,12 +15,16 @@ imbalance max/mean over steps) and prints one JSON line: final validation loss p
 gain over dense, and the imbalance after warm-up per MoE run.
 
     python bench/moe_vs_dense.py --out /tmp/moe-vs-dense [--steps 300] [--batch-size 8] [--seq-len 128]
+    # two runs at a time, one thread each, then the plot over all four:
+    python bench/moe_vs_dense.py --out D --runs dense --threads 1 & python bench/moe_vs_dense.py --out D --runs moe --threads 1; wait
+    python bench/moe_vs_dense.py --out D --runs dense,moe,moe-nobal,moe-bias --reuse
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from lmforge.io import atomic_path
@@ -89,6 +93,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the world")
     p.add_argument("--runs", default="dense,moe,moe-nobal", help="which runs (dense, moe, moe-nobal, moe-bias)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--reuse", action="store_true", help="read runs already finished in --out instead of training them again "
+                   "(so runs can be trained by separate processes, then plotted together)")
     args = p.parse_args()
 
     import torch
@@ -114,7 +120,8 @@ def main():
                               ckpt_interval=0, log_interval=5, precision="fp32", progress=False, seed=0),
         )
         run_dir = out / name
-        summary = pretrain(run, run_dir, progress=False)
+        if not (args.reuse and (run_dir / "summary.json").is_file()):
+            pretrain(run, run_dir, progress=False)
         train_records, val_records = read_metrics(run_dir)
         steps, worst = imbalance_curve(train_records)
         after = [v for s, v in zip(steps, worst) if s > args.warmup]
@@ -122,7 +129,7 @@ def main():
             "preset": preset, "overrides": model,
             "final_val_loss": val_records[-1]["val_loss"],
             "final_train_loss": train_records[-1]["loss"],
-            "tok_s": round(summary["tokens"] / summary["elapsed"], 1),
+            "tok_s": statistics.median(r["tok_s"] for r in train_records if r["step"] > 1),
             "val_steps": [r["step"] for r in val_records], "val_loss": [r["val_loss"] for r in val_records],
             "imbalance_steps": steps, "imbalance": worst,
             "max_imbalance_after_warmup": max(after) if after else None,

@@ -40,6 +40,17 @@ def perplexity(model, tokens: torch.Tensor, windows: int) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
+def model_mb(model) -> float:
+    """Parameters and persistent buffers (the weights) in memory, MiB."""
+    sd = model.state_dict()
+    seen, total = set(), 0
+    for t in sd.values():
+        if t.data_ptr() not in seen:  # a tied head is counted once
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return round(total / 2**20, 2)
+
+
 def decode_tok_s(model, tok, prompt: list[int], n: int = 64) -> float:
     engine = Engine(model, tok, prefix_cache_bytes=0)
     p1 = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
@@ -74,18 +85,22 @@ def main() -> None:
               "eval_tokens": min(args.windows, (len(tokens) - 1) // model.config.block_size) * model.config.block_size,
               "threads": args.threads,
               "fp32": {"ppl": round(base_ppl, 3), "disk_mb": round(weights.stat().st_size / 2**20, 2),
-                       "linear_mb": round(linear_weight_bytes(model)[0] / 2**20, 2), "decode_tok_s": round(decode_tok_s(model, tok, prompt), 1)}}
+                       "linear_mb": round(linear_weight_bytes(model)[0] / 2**20, 2), "model_mb": model_mb(model), "decode_tok_s": round(decode_tok_s(model, tok, prompt), 1)}}
     with tempfile.TemporaryDirectory() as tmp:
         for bits, group in ((8, None), (4, 32), (4, 64), (4, 128)):
             out = Path(tmp) / f"q{bits}_{group}"
-            report = quantize_run(args.run, out, bits, group or 64)
+            try:
+                report = quantize_run(args.run, out, bits, group or 64)
+            except ValueError as e:  # e.g. a width that is not a multiple of the group size
+                result[f"int{bits}_g{group}"] = {"error": str(e)}
+                continue
             qmodel, _ = load_run(out)
             ppl = perplexity(qmodel, tokens, args.windows)
             result[f"int{bits}" + (f"_g{group}" if group else "")] = {
                 "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base_ppl - 1), 2),
                 "disk_mb": round(report["disk_bytes_out"] / 2**20, 2),
                 "linear_mb": round(report["linear_bytes_quantized"] / 2**20, 2),
-                "linear_fraction_of_fp32": round(report["linear_fraction"], 3),
+                "linear_fraction_of_fp32": round(report["linear_fraction"], 3), "model_mb": model_mb(qmodel),
                 "decode_tok_s": round(decode_tok_s(qmodel, tok, prompt), 1)}
     print(json.dumps(result))
 

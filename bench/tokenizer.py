@@ -48,13 +48,15 @@ def hf_train(path: Path, vocab_size: int, pattern: str) -> HFTokenizer:
 
 def best_of(fns, repeats: int) -> list[float]:
     """Best time of each function over `repeats` rounds, the functions alternating within a
-    round so that load from other jobs on the shared machine falls on all of them alike."""
+    round (in reversed order every other round) so that load from other jobs on the shared
+    machine falls on all of them alike."""
     times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+    for r in range(repeats):
+        order = list(range(len(fns)))[:: 1 if r % 2 == 0 else -1]
+        for k in order:
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
     return [min(ts) for ts in times]
 
 
@@ -85,7 +87,7 @@ def bench_main(vocab_size: int, repeats: int, pattern: str = "gpt4") -> dict:
     tk = tiktoken.Encoding("same-ranks", pat_str=ours.pattern, mergeable_ranks=ours.ranks, special_tokens=ours.special_tokens)
     assert ours.encode(text) == tk.encode_ordinary(text)
     docs = text.split("\n \n")  # ~paragraphs, for batched encoding
-    enc_repeats = 3 * repeats
+    enc_repeats = 5 * repeats
     enc = {
         "single": best_of([lambda: ours.encode(text), lambda: tk.encode_ordinary(text)], enc_repeats),
         "batched": best_of([lambda: ours.encode_batch(docs), lambda: tk.encode_ordinary_batch(docs)], enc_repeats),

@@ -86,6 +86,19 @@ def test_val_split_is_the_byte_tail(tok, tmp_path):
     assert tok.decode(all_tokens(val)[:-1].tolist()).endswith(text[-20:])  # then the eos
 
 
+def test_val_split_takes_the_tail_of_every_file(tok, tmp_path):
+    first = [f"{d} (doc {i})" for i, d in enumerate(DOCS[:40])]
+    second = [d.upper() for d in first]
+    write_jsonl(tmp_path / "a.jsonl", first)
+    write_jsonl(tmp_path / "b.jsonl", second)
+    write_shards([tmp_path], tok, tmp_path / "sh", val_fraction=0.25, progress=False, workers=1)
+    val = tok.decode(all_tokens(ShardDataset(tmp_path / "sh", "val")).tolist())
+    train = tok.decode(all_tokens(ShardDataset(tmp_path / "sh", "train")).tolist())
+    assert first[-1] in val and second[-1] in val  # both genres are validated
+    assert first[0] in train and second[0] in train and first[-1] not in train
+    assert train.index(first[0]) < train.index(second[0])  # corpus order kept
+
+
 def test_txt_endoftext_lines_and_parquet(tok, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

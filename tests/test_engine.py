@@ -268,3 +268,12 @@ def test_bad_prompt_ids_and_params_are_clear_errors(model, tok):
         engine.generate("x", SamplingParams(stop_token_ids=[10**6]))
     with pytest.raises(ValueError, match="SamplingParams for 2 prompts"):
         engine.generate(["a", "b"], [SamplingParams()])
+
+
+def test_more_prompts_than_rows_queue_and_match(model, tok):
+    small = Engine(model, tok, max_batch_size=3)
+    prompts = ["All:", "Speak", "Café", "First Citizen:", "日本", "hear me"]
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.8 if i % 2 else 0, seed=i, ignore_eos=True) for i in range(6)]
+    out = small.generate(prompts, params)
+    ref = Engine(model, tok)
+    assert [o.token_ids for o in out] == [ref.generate(p, q).token_ids for p, q in zip(prompts, params)]

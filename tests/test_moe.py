@@ -107,9 +107,15 @@ def test_grouped_matmul_equals_expert_loop():
     w = [torch.randn(E, Fh, C), torch.randn(E, Fh, C), torch.randn(E, C, Fh)]
     counts = torch.tensor([7, 0, 3, 11, 1])  # an empty expert included
     x = torch.randn(int(counts.sum()), C)
+    w64 = [t.double().requires_grad_() for t in w]
+    w = [t.requires_grad_() for t in w]
     grouped = experts_swiglu(x, counts, *w)  # fp32, aligned: grouped_mm
-    loop = experts_swiglu(x.double(), counts, *(t.double() for t in w))  # float64: loop over experts
+    loop = experts_swiglu(x.double(), counts, *w64)  # float64: loop over experts
     torch.testing.assert_close(grouped.double(), loop, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(loop)
+    for a, b in zip(torch.autograd.grad((grouped * g.float()).sum(), w), torch.autograd.grad((loop * g).sum(), w64)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    grouped, w = grouped.detach(), [t.detach() for t in w]
     rows = torch.repeat_interleave(torch.arange(E), counts)
     by_hand = torch.stack([w[2][e] @ (F.silu(w[0][e] @ v) * (w[1][e] @ v)) for e, v in zip(rows.tolist(), x)])
     torch.testing.assert_close(grouped, by_hand, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ def register(subparsers):
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")
     p.add_argument("--out", required=True, help="output shards directory (replaced atomically)")
     p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of the corpus bytes (its tail) held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of each input file's bytes (its tail) held out for validation")
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="also print the sidecar as one JSON line")

@@ -26,7 +26,7 @@ def register(subparsers):
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--preset", default="small", help="model preset")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")

@@ -10,8 +10,8 @@ Layout of a shards directory (written atomically as a whole by `write_shards`):
                          special tokens (so bits/byte counts text bytes only, as nanochat does)
     train_000000.bin     tokens, documents each followed by eos_id
     ...
-    val_000000.bin       the held-out tail of the corpus (the last `val_fraction` of its bytes,
-                         split at the token nearest that point, as nanoGPT splits Shakespeare)
+    val_000000.bin       the held-out tail of each input file (the last `val_fraction` of its
+                         bytes, cut at the token nearest that point, as nanoGPT splits Shakespeare)
 
 Reading never loads a shard: `ShardDataset` memory-maps the files.
 """
@@ -78,65 +78,103 @@ def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer=None) -> np.ndarray
 
 
 def _tasks(files, field):
-    """Group corpus pieces into tasks of about TASK_CHARS characters, in corpus order."""
-    task, size = [], 0
-    for text, ends in iter_documents(files, field):
-        task.append((text, ends))
-        size += len(text)
-        if size >= TASK_CHARS:
-            yield task, size
-            task, size = [], 0
-    if task:
-        yield task, size
+    """Group corpus pieces into tasks of about TASK_CHARS characters, in corpus order; a task never
+    spans two files. Yields (pieces, characters, file index)."""
+    for index, path in enumerate(files):
+        task, size = [], 0
+        for text, ends in iter_documents([path], field):
+            task.append((text, ends))
+            size += len(text)
+            if size >= TASK_CHARS:
+                yield task, size, index
+                task, size = [], 0
+        if task:
+            yield task, size, index
 
 
 def _encoded_in_order(files, field, tokenizer, tokenizer_path, workers):
-    """Yield (token array, characters) per task in corpus order, at most 2*workers in flight, so
-    memory stays flat (Pool.imap would read the whole corpus ahead)."""
+    """Yield (token array, characters, file index) per task in corpus order, at most 2*workers in
+    flight, so memory stays flat (Pool.imap would read the whole corpus ahead)."""
     if workers <= 1:
-        for task, size in _tasks(files, field):
-            yield _encode_pieces(task, tokenizer), size
+        for task, size, index in _tasks(files, field):
+            yield _encode_pieces(task, tokenizer), size, index
         return
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) as pool:
         pending: deque = deque()
-        for task, size in _tasks(files, field):
-            pending.append((pool.submit(_encode_pieces, task), size))
+        for task, size, index in _tasks(files, field):
+            pending.append((pool.submit(_encode_pieces, task), size, index))
             if len(pending) >= 2 * workers:
-                future, n = pending.popleft()
-                yield future.result(), n
+                future, n, i = pending.popleft()
+                yield future.result(), n, i
         while pending:
-            future, n = pending.popleft()
-            yield future.result(), n
+            future, n, i = pending.popleft()
+            yield future.result(), n, i
 
 
 class _ShardWriter:
-    """Append tokens to <prefix>_NNNNNN.bin files of at most `shard_tokens` tokens each."""
+    """Append tokens to <prefix>_NNNNNN.bin files of at most `shard_tokens` tokens each; can read
+    back a range and cut the stream back to a shorter length."""
 
     def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
         self.counts: list[int] = []
         self._f = None
 
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def _path(self, i: int) -> Path:
+        return self.out_dir / f"{self.prefix}_{i:06d}.bin"
+
     def write(self, tokens: np.ndarray) -> None:
         tokens = tokens.astype(self.dtype, copy=False)
         while len(tokens):
             if self._f is None or self.counts[-1] >= self.shard_tokens:
-                self._open_next()
+                if self._f is not None:
+                    self._f.close()
+                self._f = open(self._path(len(self.counts)), "wb")
+                self.counts.append(0)
             room = self.shard_tokens - self.counts[-1]
             part, tokens = tokens[:room], tokens[room:]
             self._f.write(part.tobytes())
             self.counts[-1] += len(part)
 
-    def _open_next(self) -> None:
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the stream written so far."""
+        if self._f is not None:
+            self._f.flush()
+        parts, offset = [], 0
+        for i, n in enumerate(self.counts):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                parts.append(np.fromfile(self._path(i), dtype=self.dtype, count=hi - lo, offset=(lo - offset) * self.dtype.itemsize))
+            offset += n
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+    def truncate(self, total: int) -> None:
+        """Cut the stream back to its first `total` tokens."""
         if self._f is not None:
             self._f.close()
-        self._f = open(self.out_dir / f"{self.prefix}_{len(self.counts):06d}.bin", "wb")
-        self.counts.append(0)
+            self._f = None
+        offset = 0
+        for i, n in enumerate(self.counts):
+            keep = min(max(total - offset, 0), n)
+            if keep < n:
+                os.truncate(self._path(i), keep * self.dtype.itemsize)
+            offset += n
+            self.counts[i] = keep
+        while self.counts and self.counts[-1] == 0:
+            self._path(len(self.counts) - 1).unlink()
+            self.counts.pop()
+        if self.counts:
+            self._f = open(self._path(len(self.counts) - 1), "ab")
 
     def close(self) -> list[dict]:
         if self._f is not None:
             self._f.close()
-        return [{"file": f"{self.prefix}_{i:06d}.bin", "count": c} for i, c in enumerate(self.counts)]
+            self._f = None
+        return [{"file": self._path(i).name, "count": c} for i, c in enumerate(self.counts)]
 
 
 def write_shards(
@@ -151,8 +189,10 @@ def write_shards(
 ) -> dict:
     """Tokenize `inputs` (files or directories of .txt/.jsonl/.parquet) into a shards directory.
 
-    Documents are separated by `tokenizer.eos_id`. The last `val_fraction` of the corpus bytes
-    becomes the validation split. Returns the sidecar dict (also written to out_dir/shards.json).
+    Documents are separated by `tokenizer.eos_id`. The last `val_fraction` of each input file's
+    bytes goes to the validation split (so a corpus of several files, e.g. one per genre, is
+    validated on all of them; a single file gives nanoGPT's "last 10%" split). Returns the
+    sidecar dict (also written to out_dir/shards.json).
     """
     from tqdm import tqdm
 
@@ -168,23 +208,21 @@ def write_shards(
     with atomic_dir(out_dir) as tmp:
         tokenizer.save(tmp)
         token_bytes.astype("<u2").tofile(tmp / "token_bytes.u16")
-        writer = _ShardWriter(tmp, "train", dtype, shard_tokens)
-        chunk_stats = []  # (tokens, bytes) per task, to find the byte split point without a re-read
+        train, val = _ShardWriter(tmp, "train", dtype, shard_tokens), _ShardWriter(tmp, "val", dtype, shard_tokens)
         bar = tqdm(total=total_size, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, leave=False)
-        for tokens, n_chars in _encoded_in_order(files, field, tokenizer, tmp / "tokenizer.json", workers):
-            writer.write(tokens)
-            chunk_stats.append((len(tokens), int(token_bytes[tokens].sum())))
+        current, file_start, file_bytes = None, 0, []  # file index, its first train token, bytes per task
+        for tokens, n_chars, index in _encoded_in_order(files, field, tokenizer, tmp / "tokenizer.json", workers):
+            if index != current:
+                _split_file_tail(train, val, file_start, file_bytes, token_bytes, val_fraction)
+                current, file_start, file_bytes = index, train.count, []
+            train.write(tokens)
+            file_bytes.append((len(tokens), int(token_bytes[tokens].sum())))
             bar.update(n_chars)
+        _split_file_tail(train, val, file_start, file_bytes, token_bytes, val_fraction)
         bar.close()
-        train_files = writer.close()
-        total_tokens = sum(t for t, _ in chunk_stats)
-        total_bytes = sum(b for _, b in chunk_stats)
-        if total_tokens == 0:
+        train_files, val_files = train.close(), val.close()
+        if not train_files and not val_files:
             raise ValueError(f"the corpus ({', '.join(map(str, inputs))}) holds no text")
-
-        split = _split_point(tmp, train_files, dtype, token_bytes, chunk_stats, (1 - val_fraction) * total_bytes) if val_fraction > 0 else total_tokens
-        val_files = _move_tail(tmp, train_files, dtype, split, shard_tokens) if split < total_tokens else []
-        train_files = [f for f in train_files if f["count"] > 0]
         splits = {"train": _split_info(tmp, train_files, dtype, token_bytes, tokenizer.eos_id)}
         if val_files:
             splits["val"] = _split_info(tmp, val_files, dtype, token_bytes, tokenizer.eos_id)
@@ -204,57 +242,32 @@ def write_shards(
     return meta
 
 
-def _split_point(d, files, dtype, token_bytes, chunk_stats, target_bytes) -> int:
-    """Index of the first token at which the cumulative byte count reaches `target_bytes`."""
-    tokens_before, bytes_before = 0, 0
-    for n_tok, n_bytes in chunk_stats:
-        if bytes_before + n_bytes >= target_bytes:
+def _split_file_tail(train: _ShardWriter, val: _ShardWriter, file_start: int, task_stats: list[tuple[int, int]],
+                     token_bytes: np.ndarray, val_fraction: float) -> None:
+    """Move the last `val_fraction` of one file's bytes (its tokens from `file_start` on, the tail
+    of the train stream) into the val stream, cut at the first token where the file's cumulative
+    byte count reaches (1 - val_fraction) of its total."""
+    if val_fraction <= 0 or not task_stats:
+        return
+    target = (1 - val_fraction) * sum(b for _, b in task_stats)
+    tokens_before, bytes_before = file_start, 0
+    for n_tok, n_bytes in task_stats:  # find the task holding the split point, then the token
+        if bytes_before + n_bytes >= target:
             break
         tokens_before += n_tok
         bytes_before += n_bytes
-    chunk = _read_range(d, files, dtype, tokens_before, tokens_before + n_tok)
-    cum = bytes_before + np.cumsum(token_bytes[chunk])
-    return tokens_before + int(np.searchsorted(cum, target_bytes)) + 1
-
-
-def _read_range(d, files, dtype, start, stop) -> np.ndarray:
-    parts, offset = [], 0
-    for f in files:
-        lo, hi = max(start, offset), min(stop, offset + f["count"])
-        if lo < hi:
-            mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
-            parts.append(np.array(mm[lo - offset : hi - offset]))
-        offset += f["count"]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-
-def _move_tail(d, train_files, dtype, split, shard_tokens) -> list[dict]:
-    """Move tokens [split, end) of the train files into val files; truncate the train files."""
-    writer = _ShardWriter(d, "val", dtype, shard_tokens)
-    offset = 0
-    for f in train_files:
-        lo = max(split - offset, 0)
-        if lo < f["count"]:
-            mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
-            for s in range(lo, f["count"], 1 << 24):  # copy in 16M-token pieces
-                writer.write(np.array(mm[s : min(s + (1 << 24), f["count"])]))
-            del mm
-            os.truncate(d / f["file"], lo * dtype.itemsize)
-            offset += f["count"]
-            f["count"] = lo
-            if lo == 0:
-                (d / f["file"]).unlink()
-        else:
-            offset += f["count"]
-    return writer.close()
+    cum = bytes_before + np.cumsum(token_bytes[train.read(tokens_before, tokens_before + n_tok)])
+    split = tokens_before + int(np.searchsorted(cum, target)) + 1
+    for s in range(split, train.count, 1 << 24):  # copy in 16M-token pieces
+        val.write(train.read(s, min(s + (1 << 24), train.count)))
+    train.truncate(split)
 
 
 def _split_info(d, files, dtype, token_bytes, eos_id) -> dict:
     n_bytes, n_docs = 0, 0
     for f in files:
-        mm = np.memmap(d / f["file"], dtype=dtype, mode="r", shape=(f["count"],))
         for s in range(0, f["count"], 1 << 24):
-            piece = np.asarray(mm[s : s + (1 << 24)])
+            piece = np.fromfile(d / f["file"], dtype=dtype, count=min(1 << 24, f["count"] - s), offset=s * dtype.itemsize)
             n_bytes += int(token_bytes[piece].sum())
             n_docs += int((piece == eos_id).sum())
     return {"files": files, "count": sum(f["count"] for f in files), "bytes": n_bytes, "documents": n_docs}

@@ -134,6 +134,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.bits == 8:  # x @ (q * s)^T = (x @ q^T) * s: scale the (.., O) output, not the (O, I) weight
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+            return y if bias is None else y + bias
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:

@@ -26,6 +26,31 @@ from lmforge.model.config import ModelConfig
 # --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward.
+
+    PyTorch's CPU `rms_norm` is a composite of ~6 elementwise ops whose autograd backward adds
+    ~10 more; this does the same maths in 5 forward and 8 backward passes over the activations
+    (a measurable share of a small model's training step on CPU). With xhat = x * rstd,
+    y = xhat * w:  dw = sum(g * xhat),  dx = rstd * (g*w - xhat * mean(g*w * xhat)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        xhat = x * rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_weight = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        g = grad * weight
+        grad_x = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight  (Zhang & Sennrich 2019), no mean subtraction, no bias."""
 
@@ -35,7 +60,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype and torch.is_grad_enabled():
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fused kernel on GPUs
 
 
 class LayerNorm(nn.Module):
@@ -90,21 +117,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
 
 
 def rope_tables(config: ModelConfig, n_pos: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (n_pos, D): row p holds the angles of position p, duplicated
-    over the two halves of the head (the "rotate half" layout that HF Llama weights use)."""
+    """cos and signed-sin tables, each (n_pos, D): row p holds the angles of position p,
+    duplicated over the two halves of the head (the "rotate half" layout of HF Llama weights);
+    the sin table's first half is negated so that `apply_rope` needs no negation."""
     inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, device)  # (D/2,)
     t = torch.arange(n_pos, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (n_pos, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (n_pos, D)
-    return emb.cos(), emb.sin()
+    sin = freqs.sin()
+    return emb.cos(), torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by their angle: x*cos + rotate_half(x)*sin.
-    x (B, H, T, D); cos/sin broadcastable to it: (T, D) or (B, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, D)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by their angle (RoFormer eq. 34, "rotate half" layout):
+    y_i = x_i cos - x_{i+D/2} sin,  y_{i+D/2} = x_{i+D/2} cos + x_i sin.
+    With the halves of x swapped by one `roll` and the sign folded into the sin table, that is
+    x*cos + roll(x)*sin_signed (fewer passes than slicing, negating and concatenating).
+    x (B, H, T, D) or (B, T, H, D); cos/sin_signed broadcastable to it."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 # --------------------------------------------------------------------------------------------

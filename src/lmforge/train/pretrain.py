@@ -105,14 +105,18 @@ def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, pr
 
     Each stage is skipped when its output exists (a resumed run, or a second run into the same dir).
     """
-    from lmforge.data import world
+    try:
+        from lmforge.data import world
+    except ImportError as e:
+        raise ValueError(f"no --data given and the built-in world is unavailable ({e}); "
+                         "make shards with `lmforge data prepare` and pass --data") from None
     from lmforge.data.shards import write_shards
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer import train as train_tokenizer
 
     world_dir, tok_dir, shards_dir = data_dir / "world", data_dir / "tokenizer", data_dir / "shards"
     if not (world_dir / "pretrain").is_dir():
-        world.generate(world_dir, size=size, seed=seed)
+        world.generate(world_dir, size=size, seed=seed, progress=progress)
     if not (tok_dir / "tokenizer.json").is_file():
         tok = train_tokenizer([world_dir / "pretrain"], vocab_size=vocab_size, progress=progress)
         tok.save(tok_dir)
