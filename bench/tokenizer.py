@@ -146,7 +146,6 @@ def bench_memory(target_mb: int, vocab_size: int) -> dict:
     path = Path(f"/tmp/lmforge-bench-{target_mb}mb.txt")
     if not path.exists() or path.stat().st_size < target_mb * 900_000:
         make_corpus(path, target_mb)
-    from lmforge.tokenizer.training import count_chunks
 
     t0 = time.perf_counter()
     tok = train([path], vocab_size=vocab_size, pattern="gpt4")

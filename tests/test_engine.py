@@ -277,3 +277,19 @@ def test_more_prompts_than_rows_queue_and_match(model, tok):
     out = small.generate(prompts, params)
     ref = Engine(model, tok)
     assert [o.token_ids for o in out] == [ref.generate(p, q).token_ids for p, q in zip(prompts, params)]
+
+
+def test_engine_keeps_training_mode_and_drops_stale_prefixes(tok):
+    model = tiny_model(tok, seed=3)
+    model.train()
+    engine = Engine(model, tok, prefix_block_tokens=8)
+    prompt = tok.encode(TEXT)[:30]
+    p = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    before = engine.generate(prompt, p).token_ids
+    assert model.training  # generation switched to eval only while it ran
+    with torch.no_grad():  # "an optimizer step": the cached prefix is stale now
+        for w in model.parameters():
+            w.mul_(1.5)
+    after = engine.generate(prompt, p).token_ids
+    assert after == Engine(model, tok, prefix_cache_bytes=0).generate(prompt, p).token_ids
+    assert before != after

@@ -114,6 +114,19 @@ def test_explicit_positions_and_rollback():
     assert cache.pos.tolist() == [12, 11]
 
 
+@torch.no_grad()
+def test_logits_to_keep_gives_the_last_positions():
+    model = make()
+    idx = torch.randint(0, V, (2, 12))
+    full = model(idx)[0]
+    torch.testing.assert_close(model(idx, logits_to_keep=1)[0], full[:, -1:], atol=1e-6, rtol=1e-6)
+    cache = KVCache(model.config, batch_size=2, max_len=16)
+    torch.testing.assert_close(model(idx, kv_cache=cache, logits_to_keep=3)[0], full[:, -3:], atol=1e-5, rtol=1e-5)
+    assert cache.pos.tolist() == [12, 12]
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(idx, idx, logits_to_keep=1)
+
+
 def test_cache_out_of_range_is_an_error():
     model = make()
     cache = KVCache(model.config, batch_size=1, max_len=8)
@@ -241,3 +254,30 @@ def test_moe_layers_add_their_losses_while_training():
     model.update_router_biases()
     model.eval()
     torch.testing.assert_close(model(idx, idx)[1], F.cross_entropy(model(idx)[0].view(-1, V), idx.view(-1)))
+
+
+def test_rmsnorm_hand_written_backward_matches_autograd():
+    """The CPU RMSNorm with its own backward against torch's rms_norm differentiated by autograd."""
+    from lmforge.model.transformer import RMSNorm
+
+    norm = RMSNorm(48, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = torch.randn(3, 7, 48, dtype=torch.double, requires_grad=True)
+    g = torch.randn(3, 7, 48, dtype=torch.double)
+    y = norm(x)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), g)
+    ref = F.rms_norm(x, (48,), norm.weight, 1e-5)
+    rgx, rgw = torch.autograd.grad(ref, (x, norm.weight), g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rgx)
+    torch.testing.assert_close(gw, rgw)
+
+
+def test_training_forward_matches_inference_forward():
+    """Grad-enabled (training kernels) and no-grad (inference kernels) give the same logits."""
+    model = make(seed=4)
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)[0]
+    torch.testing.assert_close(model(idx)[0].detach(), ref, atol=1e-5, rtol=1e-5)

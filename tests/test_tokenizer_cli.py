@@ -1,7 +1,5 @@
 """`lmforge tokenizer ...` end to end, in-process through lmforge.cli.main."""
 
-import pytest
-
 from lmforge.cli import main
 from lmforge.tokenizer import Tokenizer
 

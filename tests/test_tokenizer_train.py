@@ -5,13 +5,12 @@ one clear error for each kind of bad input."""
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import regex
 
 from conftest import data_file
-from lmforge.tokenizer import PATTERNS, SPECIAL_TOKENS, Tokenizer, train
+from lmforge.tokenizer import PATTERNS, SPECIAL_TOKENS, train
 from lmforge.tokenizer.training import count_chunks, learn_merges
 
 
@@ -20,7 +19,7 @@ def naive_merges(chunk_counts: dict[str, int], n_merges: int) -> list[bytes]:
     (highest count, then smallest (left id, right id)); a+b already in the vocabulary reuses it."""
     vocab = [bytes([i]) for i in range(256)]
     words = [(list(w.encode()), c) for w, c in chunk_counts.items()]
-    for _ in range(n_merges):
+    while len(vocab) < 256 + n_merges:
         stats = Counter()
         for ids, c in words:
             for pair in zip(ids, ids[1:]):

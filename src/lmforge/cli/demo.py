@@ -14,7 +14,7 @@ def _tasks_arg(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
-DEMO_TASKS = "addition_2digit,translation_4shot,arithmetic,fewshot,closed_book,open_book,arithmetic_cot"
+DEMO_TASKS = "addition_2digit,translation_4shot,arithmetic,fewshot,closed_book,open_book"
 
 
 def register(subparsers):
@@ -28,7 +28,7 @@ def register(subparsers):
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")
     p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated evaluation sets (chat and tool sets need later stages)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

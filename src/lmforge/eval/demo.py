@@ -37,7 +37,7 @@ DEMO_SAMPLE_PROMPTS = [
 
 
 def demo(out, minutes: float = 6.0, size: str = "10MB", seed: int = 0, preset: str = "small",
-         vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, lr: float = 2e-3, warmup_steps: int = 30,
+         vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, lr: float = 3e-3, warmup_steps: int = 20,
          eval_items: int = 200, tasks: list[str] | None = None, progress: bool = True, log=None) -> dict:
     """Run the demo into `out`; returns {"timings", "train", "eval", "samples"} (also out/demo.json)."""
     from lmforge.data import world

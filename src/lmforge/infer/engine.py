@@ -27,6 +27,7 @@ Letters: B running rows, P prompt tokens, S cache slots, V vocabulary, N n_layer
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -150,6 +151,22 @@ def _held_back(text: str, start: int, stops: list[str]) -> int:
     return best
 
 
+@contextlib.contextmanager
+def eval_mode(*models):
+    """Eval mode (no dropout; MoE inference routing) for the duration, then each model's own
+    mode back: the engine may sample from a model in the middle of training."""
+    training = [m.training for m in models]
+    for m, t in zip(models, training):
+        if t:
+            m.train(False)
+    try:
+        yield
+    finally:
+        for m, t in zip(models, training):
+            if t:
+                m.train(True)
+
+
 def cache_rows(cache: KVCache, lo: int, hi: int) -> KVCache:
     """A KVCache whose tensors are views of rows lo..hi-1 of `cache` (writes go through)."""
     view = KVCache.__new__(KVCache)
@@ -262,6 +279,10 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
         """Admit what fits, decode one token for each running row; returns the new events."""
+        with eval_mode(self.model):
+            return self._step()
+
+    def _step(self) -> list[StreamEvent]:
         self._drop_cancelled()
         admitted = []
         with self.lock:
@@ -387,14 +408,14 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 16, prefix_cache_bytes: int = 256 * 2**20,
                  prefix_block_tokens: int = 16, draft_model=None, num_draft_tokens: int = 4):
-        self.model = model.eval()
+        self.model = model  # its train/eval mode is left as it is: generation switches to eval per step
         self.tokenizer = tokenizer
         self.config = model.config
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {self.config.vocab_size}: they do not belong together")
         self.max_batch_size = max_batch_size
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block_tokens) if prefix_cache_bytes > 0 else None
-        self.draft_model = draft_model.eval() if draft_model is not None else None
+        self.draft_model = draft_model
         self.num_draft_tokens = num_draft_tokens
         if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
@@ -402,6 +423,7 @@ class Engine:
         self.head = LastTokenHead(model.lm_head) if type(model.lm_head) is nn.Linear else None
         self._cache: KVCache | None = None
         self._cache_busy = False
+        self._weights_stamp = None
 
     # ---- prompts ----
     def encode(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -448,6 +470,12 @@ class Engine:
 
     def _stream(self, ids_list: list[list[int]], params_list: list[SamplingParams]) -> Iterator[StreamEvent]:
         C = self.config.block_size
+        # cached prefixes are only valid for the weights that computed them (a training loop may
+        # generate, step the optimizer, and generate again with the same engine)
+        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if stamp != self._weights_stamp and self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self._weights_stamp = stamp
         if self.draft_model is not None and all(p.greedy and not p.needs_history and p.logit_bias is None for p in params_list):
             from lmforge.infer.speculative import speculative_stream
 

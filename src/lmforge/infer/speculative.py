@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from lmforge.infer.engine import LastTokenHead, Request, Row, StreamEvent, cache_rows, forward_with_head
+from lmforge.infer.engine import LastTokenHead, Request, Row, StreamEvent, cache_rows, eval_mode, forward_with_head
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import KVCache
 
@@ -90,8 +90,9 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
     heads = (engine.head, LastTokenHead(draft.lm_head) if type(draft.lm_head) is torch.nn.Linear else None)
     for b, row in enumerate(rows):
         ids = row.request.prompt_ids
-        logits = _prefill(target, ct, ids, b, device)
-        _prefill(draft, cd, ids, b, device)
+        with eval_mode(target, draft):
+            logits = _prefill(target, ct, ids, b, device)
+            _prefill(draft, cd, ids, b, device)
         token = int(logits.argmax())
         yield row.add_token(token, float(torch.log_softmax(logits.float(), -1)[token]))
     while True:
@@ -102,7 +103,8 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
             index = torch.tensor(keep, device=device)
             ct, cd, rows = _keep_rows(ct, index), _keep_rows(cd, index), [rows[b] for b in keep]
         k_eff = max(0, min(k, min(S - 1 - (row.n_tokens - 1) for row in rows)))
-        tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device, heads)
+        with eval_mode(target, draft):
+            tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device, heads)
         engine.spec_stats["proposed"] += proposed
         engine.spec_stats["accepted"] += accepted
         engine.spec_stats["target_steps"] += 1

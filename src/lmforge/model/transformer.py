@@ -388,12 +388,14 @@ class Transformer(nn.Module):
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
         targets (B, T) long with -100 ignored: loss = mean cross-entropy (+ MoE auxiliary losses
         while training). kv_cache: see KVCache. positions (B, T): RoPE angles / learned position
         rows (without a cache they change nothing else: attention stays causal over this call).
+        logits_to_keep=n > 0: logits of the last n positions only, (B, n, V) (a prefill needs
+        just the last; skips the head's matmul for the rest). Not allowed with targets.
         """
         B, T = idx.shape
         step = None
@@ -421,6 +423,10 @@ class Transformer(nn.Module):
 
         for block in self.layers:
             x = block(x, cos, sin, kv_cache, step)
+        if logits_to_keep:
+            if targets is not None:
+                raise ValueError("logits_to_keep cannot be combined with targets (the loss needs every position)")
+            x = x[:, -logits_to_keep:]  # (B, n, C)
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
 

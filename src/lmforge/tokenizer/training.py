@@ -154,7 +154,8 @@ def count_chunks(
 
 # ---- 2. merge ------------------------------------------------------------------------------
 def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = False) -> list[bytes]:
-    """Learn up to n_merges merges; returns the vocabulary, token bytes by id (256 bytes first).
+    """Learn merges until the vocabulary has 256 + n_merges tokens (fewer if the corpus runs out
+    of pairs); returns the vocabulary, token bytes by id (256 bytes first).
 
     >>> learn_merges({"abab": 2, "ab": 1}, 2)[256:]
     [b'ab', b'abab']
@@ -181,7 +182,7 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = F
 
     bar = tqdm(total=n_merges, unit="merge", desc="merges", disable=not progress)
     heappop, heappush = heapq.heappop, heapq.heappush
-    for _ in range(n_merges):
+    while len(vocab) < 256 + n_merges:
         # the most frequent pair; stale entries (count fell since pushed) go back with their count
         while heap:
             neg, key = heappop(heap)
@@ -200,12 +201,12 @@ def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = F
         if t is None:
             t = token_id[token] = len(vocab)
             vocab.append(token)
+            bar.update(1)
         touched = _apply_merge(a, b, t, words, counts, pair_counts, where)
         for k in touched:
             c = pair_counts[k]
             if c > 0:
                 heappush(heap, (-c, k))
-        bar.update(1)
     bar.close()
     return vocab
 

@@ -291,7 +291,8 @@ def train(
         tokens_seen += step_tokens * world
         window_tokens += step_tokens * world
 
-        if step % config.log_interval == 0 or step == 1 or step == config.max_steps:
+        time_up = config.max_time is not None and elapsed() >= config.max_time
+        if step % config.log_interval == 0 or step == 1 or step == config.max_steps or time_up:
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t, 1e-9)
             window_t, window_tokens = now, 0

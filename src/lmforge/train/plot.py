@@ -32,10 +32,12 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str | None 
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, label="train loss")
+        # bias-corrected EMA (as Adam's moments: no lag from a zero start), smoothing over ~10% of the points
+        beta = min(0.9, max(0.0, 1.0 - 10.0 / len(losses)))
         smooth, ema = [], 0.0
-        for i, x in enumerate(losses, 1):  # bias-corrected EMA (as Adam's moments): no lag from a zero start
-            ema = 0.9 * ema + 0.1 * x
-            smooth.append(ema / (1 - 0.9**i))
+        for i, x in enumerate(losses, 1):
+            ema = beta * ema + (1 - beta) * x
+            smooth.append(ema / (1 - beta**i) if beta > 0 else x)
         ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="train loss (EMA)")
     if val:
         ax.plot(*zip(*val), "o-", color="tab:orange", lw=1.5, ms=3, label="val loss")

@@ -29,14 +29,14 @@ PRETRAIN_KINDS = ["arithmetic", "translation", "stories", "encyclopedia", "qa", 
 # The default mix leans on short, consistently formatted arithmetic and translation text: a small
 # model trained for minutes sees only a few million tokens, and these are the skills measured.
 DEFAULT_MIX = {
-    "arithmetic": 0.40,
-    "translation": 0.28,
-    "stories": 0.09,
-    "encyclopedia": 0.07,
-    "qa": 0.04,
-    "arithmetic_cot": 0.05,
-    "word_problems": 0.03,
-    "fewshot": 0.04,
+    "arithmetic": 0.45,
+    "translation": 0.33,
+    "stories": 0.07,
+    "encyclopedia": 0.05,
+    "qa": 0.03,
+    "arithmetic_cot": 0.03,
+    "word_problems": 0.02,
+    "fewshot": 0.02,
 }
 
 
