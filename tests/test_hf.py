@@ -31,6 +31,14 @@ def tiny_qwen2(**kw):
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
 
 
+def tiny_mistral(**kw):
+    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=None,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg.update(kw)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**cfg))
+
+
 def tiny_gpt2(**kw):
     cfg = dict(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                attn_pdrop=0.0, bos_token_id=100, eos_token_id=100)
@@ -68,10 +76,10 @@ MAKERS = {
 }
 
 
-@pytest.mark.parametrize("family", list(MAKERS))
+@pytest.mark.parametrize("family", [*MAKERS, "mistral"])
 def test_import_from_hf_logits_match(family):
     torch.manual_seed(0)
-    hf_model = randomise(MAKERS[family]())
+    hf_model = randomise(MAKERS[family]() if family in MAKERS else tiny_mistral())
     model = from_hf(hf_model)
     idx = torch.randint(0, 101, (2, 37))
     ref = hf_logits(hf_model, idx)
@@ -135,6 +143,14 @@ def test_cached_decode_matches_hf_generate():
     assert out == ref.tolist()
 
 
+def test_load_sharded_hf_checkpoint(tmp_path):
+    hf_model = randomise(tiny_llama(), seed=6)
+    hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    idx = torch.randint(0, 101, (1, 9))
+    torch.testing.assert_close(our_logits(load_hf_checkpoint(tmp_path), idx), hf_logits(hf_model, idx), atol=ATOL, rtol=0)
+
+
 def test_load_hf_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_checkpoint(tmp_path)
@@ -149,3 +165,22 @@ def test_load_hf_checkpoint_errors(tmp_path):
 def test_unexportable_config_is_refused():
     with pytest.raises(ValueError, match="qk_norm"):
         to_hf(Transformer(ModelConfig.from_preset("tiny", vocab_size=50, qk_norm=True)))
+
+
+def test_published_llama_3_2_1b_config_maps_to_the_preset():
+    """The config.json published with meta-llama/Llama-3.2-1B (transformers-4 keys) gives our preset."""
+    from lmforge.model.hf import config_from_hf, config_to_hf
+
+    published = {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+        "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256,
+    }
+    config = config_from_hf(published)
+    assert config == ModelConfig.from_preset("llama-3.2-1b")
+    assert config_from_hf(config_to_hf(config)) == config

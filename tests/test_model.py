@@ -281,3 +281,20 @@ def test_training_forward_matches_inference_forward():
     with torch.no_grad():
         ref = model(idx)[0]
     torch.testing.assert_close(model(idx)[0].detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = make(dropout=0.2)
+    idx = torch.randint(0, V, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], model(idx)[0], atol=0, rtol=0)
+        model.train()
+        assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_bf16_checkpoint_loaded_as_fp32_keeps_exact_rope_tables(tmp_path):
+    model = make().to(torch.bfloat16)
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.embed_tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.rope_cos, make().rope_cos, atol=0, rtol=0)

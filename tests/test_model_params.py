@@ -81,3 +81,11 @@ def test_params_cli_reads_run_dir(tmp_path, capsys):
     save_pretrained(Transformer(config), tmp_path)
     assert main(["params", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total"] == count_params(config)["total"]
+
+
+def test_params_cli_reads_hf_config(tmp_path, capsys):
+    """An HF config.json (here GPT-2's published shape) is read through the HF converter."""
+    hf = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["params", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == count_params(ModelConfig.from_preset("gpt2"))["total"]

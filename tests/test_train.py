@@ -84,11 +84,32 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert torch.allclose(model.layers[0].self_attn.q_proj.weight, q * (1 - 0.1 * 0.5))
 
 
+def test_muon_matches_torch_muon():
+    from lmforge.train.muon import Muon
+
+    torch.manual_seed(0)
+    for shape in [(48, 16), (16, 48)]:
+        w = torch.randn(shape)
+        ours, ref = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+        opt_ours = Muon([ours], lr=0.02, weight_decay=0.1)
+        opt_ref = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1)  # Newton-Schulz in bf16
+        for _ in range(3):
+            g = torch.randn(shape)
+            ours.grad, ref.grad = g.clone(), g.clone()
+            opt_ours.step()
+            opt_ref.step()
+        du, dr = (ours.detach() - w).flatten(), (ref.detach() - w).flatten()
+        assert torch.nn.functional.cosine_similarity(du, dr, dim=0) > 0.995
+        assert du.norm() == pytest.approx(dr.norm().item(), rel=0.02)
+
+
 def test_muon_option_trains(shards, tmp_path):
+    from lmforge.train.muon import Muon
+
     ds = ShardDataset(shards)
     model = tiny_model()
     opts = build_optimizers(model, "muon", lr=3e-3, weight_decay=0.0)
-    assert isinstance(opts[0], torch.optim.Muon) and isinstance(opts[1], torch.optim.AdamW)
+    assert isinstance(opts[0], Muon) and isinstance(opts[1], torch.optim.AdamW)
     summary = train(model, pretrain_objective, TokenLoader(ds, 8, 32), quiet(max_steps=30, optimizer="muon", muon_lr=0.02), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0

@@ -77,6 +77,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf.get('hidden_act')!r} is not supported (only 'silu')")
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported (lmforge attends to the full context)")
+    # Mistral-7B-v0.1 declares sliding_window=4096: identical to full attention up to 4096 tokens,
+    # which is what lmforge computes at every length (later Mistral releases set it to null).
     theta, scaling = _rope_from_hf(hf)
     attn_bias, bias = model_type == "qwen2", False
     if model_type == "llama":
@@ -283,9 +287,9 @@ def _fill(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str, de
             if name not in tensors and not name.startswith("rope_"):
                 tensors[name] = torch.zeros_like(buf)
     load_state_into(model, tensors, source)
-    model.reset_rope()
     if dtype is not None:
         model.to(dtype)
+    model.reset_rope()  # not in the file; computed in fp32 then cast, after any dtype change
     return model.eval()
 
 

@@ -94,7 +94,7 @@ def load_pretrained(run_dir: str | Path, device="cpu", dtype: torch.dtype | None
     if len(stored) == 1:  # materialise in the stored dtype so nothing is rounded twice
         model.to(next(iter(stored)))
     load_state_into(model, tensors, str(weights_path))
-    model.reset_rope()  # non-persistent buffers are not in the file
     if dtype is not None:
         model.to(dtype)
+    model.reset_rope()  # not in the file; computed in fp32 then cast, after any dtype change
     return model.eval()

@@ -350,7 +350,8 @@ class Transformer(nn.Module):
         - residual-branch output projections (`o_proj`, `down_proj`, MoE `w_down`) ~
           N(0, 0.02 / sqrt(2 * n_layer)), so the residual stream's variance does not grow with
           depth (GPT-2 paper, section 2.3);
-        - biases 0, norm weights 1; a tied head shares the embedding's initialisation;
+        - biases 0, norm weights 1, MoE `router_bias` buffers 0; a tied head shares the
+          embedding's initialisation;
         - the RoPE cos/sin tables are (re)computed, so `to_empty()` + `init_weights()` after
           building on the `meta` device gives a complete model.
         `seed` makes the initialisation reproducible without touching the global RNG.
@@ -373,6 +374,9 @@ class Transformer(nn.Module):
                 p.normal_(0.0, resid_std, generator=gen)
             else:
                 p.normal_(0.0, std, generator=gen)
+        for name, buf in self.named_buffers():
+            if name.endswith("router_bias"):
+                buf.zero_()
 
     @torch.no_grad()
     def reset_rope(self) -> None:

@@ -50,8 +50,8 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
                      eps: float = 1e-8, muon_lr: float = 0.02) -> list[torch.optim.Optimizer]:
     """["adamw"] -> [AdamW]; ["muon"] -> [Muon over the 2-D hidden matrices, AdamW over the rest].
 
-    Muon orthogonalises each matrix's momentum with 5 Newton-Schulz iterations, so every
-    direction of the update has the same size; it is meant for hidden matrices only, so the
+    Muon (muon.py) orthogonalises each matrix's momentum with 5 Newton-Schulz iterations, so
+    every direction of the update has the same size; it is meant for hidden matrices only, so the
     embeddings, the LM head, norms, biases and 3-D MoE expert stacks stay with AdamW.
     Each optimizer's `initial_lr` is stored per group so the schedule scales all of them alike.
     """
@@ -67,7 +67,9 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
             (hidden if is_hidden else rest).append((pname, p))
         decay = [p for n, p in rest if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in rest if not (p.dim() >= 2 and "embed" not in n)]
-        muon = torch.optim.Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        from lmforge.train.muon import Muon
+
+        muon = Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay)
         adamw = _adamw([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr, betas, eps)
         optimizers = [muon, adamw]
     else:
