@@ -180,8 +180,7 @@ class LastTokenHead(nn.Module):
     of the weight, x (B, C) @ W^T (C, V), which PyTorch's CPU GEMM runs ~3x faster than
     F.linear's x @ W (V, C) for this shape (vocab 8192 x 384: 0.5 vs 1.7 ms per step). The copy
     is refreshed whenever the weight changes (an optimizer step between rollouts).
-    Only used for a plain nn.Linear head; see the report to the model owner for the
-    `logits_to_keep` argument that would make this swap unnecessary.
+    Only used for a plain nn.Linear head (a quantized head runs as it is).
     """
 
     def __init__(self, head: nn.Linear):
@@ -204,16 +203,17 @@ class LastTokenHead(nn.Module):
 
 
 def forward_with_head(model, head: LastTokenHead | None, idx: torch.Tensor, cache: KVCache, positions=None, last_only: bool = True) -> torch.Tensor:
-    """model(idx, kv_cache=cache, positions=positions) logits, with `head` standing in for
-    model.lm_head during the call when given: (B, 1, V) if last_only else (B, T, V)."""
+    """model(idx, kv_cache=cache, positions=positions) logits, (B, 1, V) if last_only else
+    (B, T, V), with `head` standing in for model.lm_head during the call when given."""
+    keep = 1 if last_only else 0  # the model skips norm and head for the other positions
     if head is None:
-        logits, _ = model(idx, kv_cache=cache, positions=positions)
-        return logits[:, -1:] if last_only else logits
+        logits, _ = model(idx, kv_cache=cache, positions=positions, logits_to_keep=keep)
+        return logits
     original = model.lm_head
     model.lm_head = head
     head.last_only = last_only
     try:
-        logits, _ = model(idx, kv_cache=cache, positions=positions)
+        logits, _ = model(idx, kv_cache=cache, positions=positions, logits_to_keep=keep)
     finally:
         model.lm_head = original
     return logits
