@@ -89,6 +89,10 @@ def main():
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps (also where load balance is judged from)")
     p.add_argument("--eval-interval", type=int, default=25, help="steps between validations")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
+    p.add_argument("--data", default=None, help="a shards directory (with its tokenizer.json) instead of the built-in world, "
+                   "e.g. tinyshakespeare prepared with `lmforge data prepare`")
+    p.add_argument("--balance-from", type=int, default=None, help="judge load balance on steps after this one (default: --warmup)")
+    p.add_argument("--bias-rate", type=float, default=1e-3, help="router_bias_update_rate of the moe-bias run")
     p.add_argument("--world-size", default="4MB", help="built-in world text to generate")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the world")
     p.add_argument("--runs", default="dense,moe,moe-nobal", help="which runs (dense, moe, moe-nobal, moe-bias)")
@@ -102,12 +106,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    shards = prepare_world_data(out / "data", args.world_size, args.vocab_size, seed=0, progress=False)
+    shards = args.data or prepare_world_data(out / "data", args.world_size, args.vocab_size, seed=0, progress=False)
+    balance_from = args.warmup if args.balance_from is None else args.balance_from
     variants = {
         "dense": (args.dense, {}),
         "moe": (args.moe, {}),
         "moe-nobal": (args.moe, {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}),
-        "moe-bias": (args.moe, {"router": "sigmoid_bias", "aux_loss_coef": 0.0, "router_bias_update_rate": 1e-3}),
+        "moe-bias": (args.moe, {"router": "sigmoid_bias", "aux_loss_coef": 0.0, "router_bias_update_rate": args.bias_rate}),
     }
     results = {}
     for name in args.runs.split(","):
@@ -124,7 +129,7 @@ def main():
             pretrain(run, run_dir, progress=False)
         train_records, val_records = read_metrics(run_dir)
         steps, worst = imbalance_curve(train_records)
-        after = [v for s, v in zip(steps, worst) if s > args.warmup]
+        after = [v for s, v in zip(steps, worst) if s > balance_from]
         results[name] = {
             "preset": preset, "overrides": model,
             "final_val_loss": val_records[-1]["val_loss"],
@@ -135,10 +140,11 @@ def main():
             "max_imbalance_after_warmup": max(after) if after else None,
             "mean_imbalance_after_warmup": sum(after) / len(after) if after else None,
         }
-    plot(results, out / "moe_vs_dense.png", args.warmup)
+    plot(results, out / "moe_vs_dense.png", balance_from)
     line = {
         "bench": "moe_vs_dense",
-        "steps": args.steps, "tokens_per_run": args.steps * args.batch_size * args.seq_len,
+        "data": args.data or f"built-in world {args.world_size}", "steps": args.steps, "balance_from_step": balance_from,
+        "tokens_per_run": args.steps * args.batch_size * args.seq_len,
         "final_val_loss": {k: round(v["final_val_loss"], 4) for k, v in results.items()},
         "tok_s": {k: v["tok_s"] for k, v in results.items()},
         "max_imbalance_after_warmup": {k: v["max_imbalance_after_warmup"] and round(v["max_imbalance_after_warmup"], 3)

@@ -24,3 +24,15 @@ def data_file(relpath: str) -> Path:
 @pytest.fixture
 def shared_data():
     return data_file
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread is faster (no OpenMP hand-off) and makes CPU
+    timings independent of whatever else runs on the machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -293,3 +293,14 @@ def test_engine_keeps_training_mode_and_drops_stale_prefixes(tok):
     after = engine.generate(prompt, p).token_ids
     assert after == Engine(model, tok, prefix_cache_bytes=0).generate(prompt, p).token_ids
     assert before != after
+
+
+def test_moe_and_gpt2_style_models_generate_like_full_recompute(tok):
+    for overrides in (dict(n_expert=4, n_expert_per_token=2, expert_ffn_hidden=64),
+                      dict(norm="layernorm", activation="gelu", pos_emb="learned", bias=True, tie_embeddings=True)):
+        cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, block_size=64, **overrides)
+        torch.manual_seed(0)
+        model = Transformer(cfg).eval()
+        ids = tok.encode("First Citizen: hear me")
+        params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+        assert Engine(model, tok).generate(ids, params).token_ids == reference(model, ids, params, 10)

@@ -132,3 +132,20 @@ def test_property_stream_decoder_equals_decode(tok, text, data):
     # a character cut between tokens is held back, never emitted as U+FFFD
     if "\ufffd" not in text:
         assert not any("\ufffd" in p for p in pieces[: len(text_ids)])
+
+
+def test_patterns_and_constructor_errors(tok):
+    from lmforge.tokenizer.patterns import resolve_pattern
+
+    assert resolve_pattern("llama3") == resolve_pattern("cl100k") == resolve_pattern("gpt4")
+    # a custom regex that misses characters still loses none of them
+    custom = Tokenizer(tok.ranks, r"[a-z]+", tok.special_tokens)
+    text = "abc DEF 123 é!"
+    assert custom.decode(custom.encode(text)) == text
+    assert custom.encode(text) == encode_reference(text, custom.ranks, custom.pattern)
+    with pytest.raises(ValueError, match="neither a known name"):
+        Tokenizer(tok.ranks, "([unclosed", {})
+    with pytest.raises(ValueError, match="256 single bytes"):
+        Tokenizer({b"a": 0}, "gpt2", {})
+    with pytest.raises(ValueError, match="not unique"):
+        Tokenizer(tok.ranks, "gpt2", {"<|x|>": 5})

@@ -207,6 +207,7 @@ def test_moe_router_biases_and_expert_metrics(shards, tmp_path):
     for i in range(2):
         assert len(rec[f"moe/{i}/load"]) == 4 and sum(rec[f"moe/{i}/load"]) == pytest.approx(1.0, abs=1e-3)
         assert rec[f"moe/{i}/imbalance"] >= 1.0 and f"moe/{i}/aux" in rec and f"moe/{i}/z" in rec
+    assert (tmp_path / "experts.png").stat().st_size > 0  # lmforge.train.expert_plot drew the load
 
 
 def test_cli_rejects_unknown_key_and_foreign_tokenizer(shards, tmp_path, capsys):

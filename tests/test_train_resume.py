@@ -91,6 +91,8 @@ def reference(shards, tmp_path_factory):
 def test_resume_after_crash_is_bitwise_identical(shards, reference, tmp_path, crash_after):
     with pytest.raises(Crash):
         run(shards, tmp_path, crashing(crash_after))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill -9
     torch.manual_seed(999)  # a resumed process starts from a different RNG state: the checkpoint must restore it
     model = run(shards, tmp_path, resume=True)
     assert_same_state(reference, tmp_path)

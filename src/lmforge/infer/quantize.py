@@ -8,7 +8,7 @@ with round-to-nearest instead of their error-correcting search):
     two 4-bit values per byte: input column 2j in the low nibble, 2j+1 in the high one.
 
 Activations stay in floating point. `QuantLinear.forward` unpacks the weight to the activation
-dtype and runs an ordinary matmul (one path for CPU and GPU; it saves memory and disk, not time).
+dtype and runs ordinary matmuls (one path for CPU and GPU; it saves memory and disk, not time).
 The embedding table, norms and a head tied to the embedding stay unquantized.
 
 A quantized run directory is a normal one (config.json, tokenizer.json, model.safetensors
@@ -67,8 +67,10 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(O, I/2) uint8 -> (O, I) uint8 in [0, 15]; the inverse of pack_int4."""
-    low, high = packed & 0x0F, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)  # (O, I/2, 2) -> (O, I)
+    out = torch.empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.uint8, device=packed.device)  # (O, I)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +139,13 @@ class QuantLinear(nn.Module):
         if self.bits == 8:  # x @ (q * s)^T = (x @ q^T) * s: scale the (.., O) output, not the (O, I) weight
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
             return y if bias is None else y + bias
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        # int4: the low nibbles hold the even input columns, the high ones the odd columns, so
+        # x @ W^T = x[even] @ W_low^T + x[odd] @ W_high^T, without interleaving the nibbles back
+        O, G = self.scale.shape
+        s, m = self.scale.to(x.dtype)[..., None], self.minimum.to(x.dtype)[..., None]  # (O, G, 1)
+        w_even = ((self.qweight & 0x0F).to(x.dtype).view(O, G, -1) * s + m).view(O, -1)  # (O, I/2)
+        w_odd = ((self.qweight >> 4).to(x.dtype).view(O, G, -1) * s + m).view(O, -1)  # (O, I/2)
+        return F.linear(x[..., 0::2], w_even, bias) + F.linear(x[..., 1::2], w_odd)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""

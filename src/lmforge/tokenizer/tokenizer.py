@@ -89,6 +89,8 @@ class Tokenizer:
         """Text -> ids. Special-token text becomes a special id only for the names in
         `allowed_special` (or "all"); otherwise "<|eos|>" in user text is encoded as ordinary
         text, so a user cannot forge a turn or end-of-text marker (prompt injection)."""
+        if not allowed_special:  # the common case, without building sets
+            return self._enc.encode_ordinary(text)
         allowed = self._allowed(allowed_special)
         if not allowed:
             return self._enc.encode_ordinary(text)

@@ -302,7 +302,8 @@ def train(
                            "tok_s": round(tok_s, 1), "elapsed": round(elapsed(), 2), **({"mfu": round(mfu, 4)} if mfu is not None else {}),
                            **{k: v for k, v in metric_sums.items()}, **(_moe_metrics(raw_model) if is_moe else {})}
             log(last_record)
-            bar.set_postfix_str(f"loss {loss_value:.4f} | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
+            left = f" | {max(config.max_time - elapsed(), 0) / 60:.1f} min left" if config.max_time else ""  # tqdm's ETA counts steps
+            bar.set_postfix_str(f"loss {loss_value:.4f} | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") + left)
         bar.update(1)
         do_eval = bool(config.eval_interval) and step % config.eval_interval == 0 and step < config.max_steps
         do_sample = bool(config.sample_interval) and step % config.sample_interval == 0 and step < config.max_steps
@@ -331,8 +332,15 @@ def train(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines logged after the checkpoint being resumed (they will be redone)."""
+    """Drop metrics.jsonl lines logged after the checkpoint being resumed (they will be redone),
+    and a last line cut short by the kill."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line half-written when the process was killed
+            continue
     atomic_write_text(path, "".join(line + "\n" for line in keep))

@@ -11,7 +11,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a last line cut short by a kill
+            continue
+    return records
 
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
