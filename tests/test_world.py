@@ -70,6 +70,7 @@ def test_streams_are_independent_and_repeatable():
 
 # ---- sizes and mixes ----
 def test_size_and_mix_are_respected(tmp_path):
+    generate(tmp_path, size="20KB", seed=0, progress=False, n_eval=5)  # an earlier world with every kind
     summary = generate(tmp_path, size="100KB", seed=0, mix="stories=3,arithmetic=1", progress=False, n_eval=5)
     assert set(summary["mix"]) == {"stories", "arithmetic"}
     assert summary["mix"]["stories"] == pytest.approx(0.75)

@@ -45,8 +45,10 @@ def register(subparsers):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def print_report(report: dict, file=sys.stdout) -> None:
+def print_report(report: dict, file=None) -> None:
     from lmforge.eval.tasks import TaskResult, score_table
+
+    file = file or sys.stdout  # looked up per call: a default bound at import goes stale under capture
 
     results = {k: TaskResult(**v) for k, v in report["eval"].items()}
     print("\nsamples (greedy):", file=file)

@@ -21,7 +21,7 @@ Balancing losses (returned in `last_stats`; the model multiplies them by the con
 - Switch / GShard auxiliary loss  aux = E * sum_i f_i * P_i, with f_i the fraction of tokens
   routed to expert i (over all k slots, so sum_i f_i = k, as HF Mixtral's `load_balancing_loss_func`)
   and P_i the mean router probability of expert i. Only P carries gradient. It equals k when
-  routing is perfectly balanced and grows as load and probability concentrate on few experts.
+  both the load and the mean probabilities are uniform, and grows as they concentrate on the same experts.
 - Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5)  z = mean over tokens of logsumexp(logits)^2,
   keeping router logits small so the softmax stays numerically tame.
 - Optional jitter (Switch): while training the router input is multiplied by U(1 - eps, 1 + eps).
@@ -29,9 +29,11 @@ Balancing losses (returned in `last_stats`; the model multiplies them by the con
 Dispatch is dropless by default: the N*k token->expert assignments are sorted by expert, each
 expert runs once on its contiguous block of rows (one grouped matmul, `torch.nn.functional.grouped_mm`,
 where the device and dtype allow it, else a loop over the E experts on slices), and the weighted
-outputs are scatter-added back to their tokens. With `capacity_factor` each expert keeps at most
+outputs are put back in token order and summed over each token's k slots -- gathers only, forward
+and backward (see `_Dispatch`, `_Permute`). With `capacity_factor` each expert keeps at most
 ceil(capacity_factor * N * k / E) assignments (first choices before second choices, GShard); the
-rest are dropped, the token keeps only its residual for that slot, and `drop_rate` says how many.
+rest are dropped, the token keeps only its residual for that slot, and `drop_rate` says how many
+(that path scatter-adds with `index_add_`).
 
 Legend used in shape comments:
     B batch, T tokens, N = B*T tokens in the layer, C n_embd, E n_expert, k experts per token,

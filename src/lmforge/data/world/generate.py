@@ -110,6 +110,11 @@ def generate(out_dir, size: str | int = "50MB", seed: int = 0, mix: str | dict |
     world = World(seed)
     from tqdm import tqdm
 
+    # a kind left out of this mix must not linger from an earlier world in the same directory
+    # (readers take every file under pretrain/)
+    for kind in PRETRAIN_KINDS:
+        if kind not in weights:
+            (out / f"pretrain/{kind}.jsonl").unlink(missing_ok=True)
     chat_budgets = {p: max(MIN_CHAT_BYTES, int(size_bytes * f)) for p, f in CHAT_FRACTIONS.items()}
     total = size_bytes + sum(chat_budgets.values())
     files: dict[str, dict] = {}
