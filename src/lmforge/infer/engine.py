@@ -169,9 +169,7 @@ def eval_mode(*models):
 
 def cache_rows(cache: KVCache, lo: int, hi: int) -> KVCache:
     """A KVCache whose tensors are views of rows lo..hi-1 of `cache` (writes go through)."""
-    view = KVCache.__new__(KVCache)
-    view.k, view.v, view.pos = cache.k[:, lo:hi], cache.v[:, lo:hi], cache.pos[lo:hi]
-    return view
+    return cache.rows(lo, hi)
 
 
 class LastTokenHead(nn.Module):
@@ -507,9 +505,7 @@ class Engine:
             s = max(max_len, c.max_len if c else 0)
             self._cache = c = KVCache(self.config, b, s, device=p.device, dtype=_kv_dtype(p))
         self._cache_busy = True
-        view = KVCache.__new__(KVCache)
-        view.k, view.v, view.pos = c.k[:, :batch_size, :, :max_len], c.v[:, :batch_size, :, :max_len], c.pos[:batch_size]
-        return view
+        return c.rows(0, batch_size, max_len)
 
     # ---- blocking ----
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):

@@ -28,9 +28,7 @@ from lmforge.model import KVCache
 
 
 def _keep_rows(cache: KVCache, keep: torch.Tensor) -> KVCache:
-    out = KVCache.__new__(KVCache)
-    out.k, out.v, out.pos = cache.k[:, keep].contiguous(), cache.v[:, keep].contiguous(), cache.pos[keep].clone()
-    return out
+    return KVCache.from_tensors(cache.k[:, keep].contiguous(), cache.v[:, keep].contiguous(), cache.pos[keep].clone())
 
 
 @torch.inference_mode()

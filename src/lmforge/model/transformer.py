@@ -157,6 +157,17 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    @classmethod
+    def from_tensors(cls, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> "KVCache":
+        """A cache over existing tensors (views share memory with their base: writes go through)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.pos = k, v, pos
+        return cache
+
+    def rows(self, lo: int, hi: int, max_len: int | None = None) -> "KVCache":
+        """A view of rows lo..hi-1 (and the first max_len slots): the engine runs a sub-batch in it."""
+        return KVCache.from_tensors(self.k[:, lo:hi, :, :max_len], self.v[:, lo:hi, :, :max_len], self.pos[lo:hi])
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
