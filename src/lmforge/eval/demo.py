@@ -21,12 +21,7 @@ from pathlib import Path
 
 from lmforge.io import atomic_write_json
 
-# GPT-4's split pattern with single digits, each may carry the space before it (" ?\p{N}" instead
-# of "\p{N}{1,3}"): " 47" -> " 4", "7", so "Q: What is 47 + 38? A: 85" is 15 tokens, not 18
-DIGITS_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+DIGITS_PATTERN = "digits"  # lmforge.tokenizer.patterns.DIGITS: numbers split into single digits
 
 DEMO_SAMPLE_PROMPTS = [
     "Q: What is 23 + 45? A:",

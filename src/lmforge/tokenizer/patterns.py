@@ -42,11 +42,19 @@ O200K = "|".join(
     ]
 )
 
-PATTERNS = {"gpt2": GPT2, "gpt4": GPT4, "cl100k": GPT4, "llama3": LLAMA3, "o200k": O200K}
+# GPT-4's pattern with single digits, each keeping the space before it (" ?\p{N}" instead of
+# "\p{N}{1,3}"): " 47" -> " 4", "7". Arithmetic then becomes a per-digit rule for a small model
+# rather than a table of 1000 number tokens (the built-in world and the demo use it).
+DIGITS = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+| ?\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+PATTERNS = {"gpt2": GPT2, "gpt4": GPT4, "cl100k": GPT4, "llama3": LLAMA3, "o200k": O200K, "digits": DIGITS}
 
 
 def resolve_pattern(pattern: str) -> str:
-    """A pattern name ("gpt2", "gpt4"/"cl100k", "llama3", "o200k") or a custom regex -> the regex.
+    """A pattern name ("gpt2", "gpt4"/"cl100k", "llama3", "o200k", "digits") or a custom regex -> the regex.
 
     A custom regex must compile; text it does not match would be silently dropped by the
     encoder (tiktoken's behaviour), so a last alternative `|[\\s\\S]` is added that catches any
