@@ -35,45 +35,21 @@ def demo(out, minutes: float = 6.0, size: str = "10MB", seed: int = 0, preset: s
          vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, lr: float = 3e-3, warmup_steps: int = 20,
          eval_items: int = 200, tasks: list[str] | None = None, progress: bool = True, log=None) -> dict:
     """Run the demo into `out`; returns {"timings", "train", "eval", "samples"} (also out/demo.json)."""
-    from lmforge.data import world
-    from lmforge.data.shards import SIDECAR, write_shards
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.tokenizer import train as train_tokenizer
     from lmforge.train.loop import TrainConfig
-    from lmforge.train.pretrain import DataConfig, RunConfig, pretrain
+    from lmforge.train.pretrain import DataConfig, RunConfig, prepare_world_data, pretrain
 
     log = log or (lambda msg: None)
     out = Path(out)
-    data = out / "data"
-    world_dir, tok_dir, shards_dir = data / "world", data / "tokenizer", data / "shards"
     if minutes <= 0:
         raise ValueError(f"minutes={minutes} must be more than 0")
     timings: dict[str, float] = {}
     t0 = time.time()
 
-    # 1. the world (kept when already there: a second demo into the same dir reuses it)
-    if not (world_dir / "world.json").is_file():
-        log(f"[1/5] generating the world ({size}, seed {seed}) -> {world_dir}")
-        world.generate(world_dir, size=size, seed=seed, progress=progress, n_eval=eval_items)
-    else:
-        log(f"[1/5] world already in {world_dir}")
-    timings["world"] = time.time() - t0
-
-    # 2. a byte-level BPE tokenizer on the pretraining text
-    t = time.time()
-    if not (tok_dir / "tokenizer.json").is_file():
-        log(f"[2/5] training a {vocab_size}-token BPE tokenizer (single-digit numbers)")
-        tok = train_tokenizer([world_dir / "pretrain"], vocab_size=vocab_size, pattern=DIGITS_PATTERN, progress=progress)
-        tok.save(tok_dir)
-    tok = Tokenizer.load(tok_dir)
-    timings["tokenizer"] = time.time() - t
-
-    # 3. token shards
-    t = time.time()
-    if not (shards_dir / SIDECAR).is_file():
-        log("[3/5] tokenizing the world into shards")
-        write_shards([world_dir / "pretrain"], tok, shards_dir, progress=progress)
-    timings["shards"] = time.time() - t
+    # 1-3. the world, a byte-level BPE tokenizer with single-digit numbers, token shards (each kept
+    # when already there: a second demo into the same dir reuses them)
+    shards_dir = prepare_world_data(out / "data", size, vocab_size, seed, progress, pattern=DIGITS_PATTERN,
+                                    n_eval=eval_items, log=log, timings=timings)
+    world_dir = out / "data" / "world"
 
     # 4. pretraining for a bounded time; the schedule follows the clock (cosine over `minutes`)
     t = time.time()

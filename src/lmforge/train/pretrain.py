@@ -100,10 +100,13 @@ def apply_overrides(run: RunConfig, overrides: dict) -> RunConfig:
     return run
 
 
-def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, progress: bool) -> Path:
+def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, progress: bool,
+                       pattern: str = "digits", n_eval: int = 200, log=None, timings: dict | None = None) -> Path:
     """Built-in world -> tokenizer -> shards under data_dir; returns the shards directory.
 
-    Each stage is skipped when its output exists (a resumed run, or a second run into the same dir).
+    The tokenizer uses the "digits" split pattern (numbers cut into single digits), so arithmetic
+    is a per-digit rule for a small model. Each stage is skipped when its output exists (a resumed
+    run, or a second run into the same dir); `timings`, when given, receives seconds per stage.
     """
     try:
         from lmforge.data import world
@@ -114,14 +117,27 @@ def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, pr
     from lmforge.tokenizer import Tokenizer
     from lmforge.tokenizer import train as train_tokenizer
 
+    log = log or (lambda msg: None)
+    timings = {} if timings is None else timings
     world_dir, tok_dir, shards_dir = data_dir / "world", data_dir / "tokenizer", data_dir / "shards"
-    if not (world_dir / "pretrain").is_dir():
-        world.generate(world_dir, size=size, seed=seed, progress=progress)
+    t = time.time()
+    if not (world_dir / "world.json").is_file():
+        log(f"[1/5] generating the world ({size}, seed {seed}) -> {world_dir}")
+        world.generate(world_dir, size=size, seed=seed, progress=progress, n_eval=n_eval)
+    else:
+        log(f"[1/5] world already in {world_dir}")
+    timings["world"] = time.time() - t
+    t = time.time()
     if not (tok_dir / "tokenizer.json").is_file():
-        tok = train_tokenizer([world_dir / "pretrain"], vocab_size=vocab_size, progress=progress)
+        log(f"[2/5] training a {vocab_size}-token BPE tokenizer (pattern {pattern!r})")
+        tok = train_tokenizer([world_dir / "pretrain"], vocab_size=vocab_size, pattern=pattern, progress=progress)
         tok.save(tok_dir)
+    timings["tokenizer"] = time.time() - t
+    t = time.time()
     if not (shards_dir / SIDECAR).is_file():
+        log("[3/5] tokenizing the world into shards")
         write_shards([world_dir / "pretrain"], Tokenizer.load(tok_dir), shards_dir, progress=progress)
+    timings["shards"] = time.time() - t
     return shards_dir
 
 
