@@ -15,15 +15,6 @@ TEXT = (
     "Café crème brûlée, naïve façade — 日本語のテキスト, emoji 🙂 and more. "
 ) * 20
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other jobs make tiny matmuls 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def tok():

@@ -1,7 +1,6 @@
 """lmforge.eval.tasks: batched greedy answers through the engine equal a plain greedy loop, and
 the scores are the items' own scores of those answers."""
 
-import json
 
 import pytest
 import torch

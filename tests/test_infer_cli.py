@@ -23,14 +23,6 @@ from lmforge.tokenizer import train
 TEXT = "User: hello there! Assistant: hi, how can I help you today? " * 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tok = train(TEXT, vocab_size=320, workers=1)

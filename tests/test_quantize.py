@@ -26,14 +26,6 @@ from lmforge.model import ModelConfig, Transformer, save_pretrained
 from lmforge.tokenizer import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_pack_unpack_int4_roundtrip():
     q = torch.randint(0, 16, (7, 64), dtype=torch.uint8)
     packed = pack_int4(q)

@@ -28,15 +28,6 @@ from lmforge.infer.sampling import (
 
 V = 97
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: OpenMP threads spinning against other jobs make tiny matmuls 30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _logits(B=3, seed=0):
     return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3

@@ -110,7 +110,7 @@ def test_muon_option_trains(shards, tmp_path):
     model = tiny_model()
     opts = build_optimizers(model, "muon", lr=3e-3, weight_decay=0.0)
     assert isinstance(opts[0], Muon) and isinstance(opts[1], torch.optim.AdamW)
-    summary = train(model, pretrain_objective, TokenLoader(ds, 8, 32), quiet(max_steps=30, optimizer="muon", muon_lr=0.02), tmp_path)
+    train(model, pretrain_objective, TokenLoader(ds, 8, 32), quiet(max_steps=30, optimizer="muon", muon_lr=0.02), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
 

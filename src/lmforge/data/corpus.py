@@ -11,10 +11,11 @@ TinyStories and GPT-2 dumps) ends a document; a `.jsonl` line or a parquet row i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterator
+
+from lmforge.io import read_jsonl
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 DOC_SEPARATOR_LINE = "<|endoftext|>"
@@ -84,22 +85,14 @@ def _iter_txt(path: Path) -> Iterator[tuple[str, bool]]:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[tuple[str, bool]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{lineno}: no field {field!r} (found: {keys}); choose one with --field")
-            text = record[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, expected a string")
-            if text:
-                yield text, True
+    for lineno, record in read_jsonl(path):
+        if field not in record:
+            raise ValueError(f"{path}:{lineno}: no field {field!r} (found: {', '.join(record)}); choose one with --field")
+        text = record[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, expected a string")
+        if text:
+            yield text, True
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[tuple[str, bool]]:

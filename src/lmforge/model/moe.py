@@ -244,7 +244,7 @@ class MoEFeedForward(nn.Module):
         B, T, C = x.shape
         E, k = self.n_expert, self.top_k
         x = x.reshape(B * T, C)  # (N, C)
-        N = x.shape[0]
+        x.shape[0]
 
         router_in = x
         if self.training and self.jitter > 0:  # Switch jitter: the router sees a perturbed input
