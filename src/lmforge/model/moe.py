@@ -243,8 +243,7 @@ class MoEFeedForward(nn.Module):
         """x (B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
         E, k = self.n_expert, self.top_k
-        x = x.reshape(B * T, C)  # (N, C)
-        x.shape[0]
+        x = x.reshape(B * T, C)  # (N, C), N = B*T tokens
 
         router_in = x
         if self.training and self.jitter > 0:  # Switch jitter: the router sees a perturbed input
