@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # stage modules, in the order `lmforge --help` lists them
 COMMANDS = [
@@ -54,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"lmforge: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # library warnings read as one line, not a source dump
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
