@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.io import read_json
 from lmforge.cli import UserError, add_command
 
 
@@ -34,10 +35,7 @@ def resolve_config(spec: str, overrides: dict):
         config_path = path / "config.json" if path.is_dir() else path
         if not config_path.is_file():
             raise FileNotFoundError(2, "no config.json in model directory", str(config_path))
-        try:
-            d = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e.msg})") from None
+        d = read_json(config_path)
         config = config_from_hf(d) if "model_type" in d else ModelConfig.from_dict(d)
         return config.with_overrides(**overrides) if overrides else config
     raise UserError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")

@@ -117,11 +117,9 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
-        return cls.from_dict(d)
+        from lmforge.io import read_json
+
+        return cls.from_dict(read_json(path))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.io import atomic_dir
+from lmforge.io import atomic_dir, read_json
 from lmforge.model.config import ModelConfig
 from lmforge.model.pretrained import load_state_into, model_state_dict
 from lmforge.model.transformer import Transformer
@@ -351,10 +351,7 @@ def load_hf_checkpoint(path: str | Path, device="cpu", dtype=None) -> Transforme
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(2, "config.json missing in HF checkpoint directory", str(config_path))
-    try:
-        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e.msg})") from None
+    hf_config = read_json(config_path)
     config = config_from_hf(hf_config)
     files = sorted(path.glob("*.safetensors"))
     if not files:

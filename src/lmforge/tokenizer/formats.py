@@ -30,6 +30,8 @@ from .bpe import merges_from_ranks
 from .patterns import GPT2, PATTERNS, resolve_pattern
 from .tokenizer import Tokenizer
 
+from lmforge.io import read_json
+
 
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
@@ -153,10 +155,7 @@ def from_vocab_and_merges(vocab: dict[str, int], merges: list, pattern: str, spe
 
 def load_hf_json(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    data = read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise ValueError(f"{path}: not an HF BPE tokenizer.json (model.type must be BPE)")
