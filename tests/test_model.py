@@ -298,3 +298,30 @@ def test_bf16_checkpoint_loaded_as_fp32_keeps_exact_rope_tables(tmp_path):
     loaded = load_pretrained(tmp_path, dtype=torch.float32)
     assert loaded.embed_tokens.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.rope_cos, make().rope_cos, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_row_paths_equal_f_linear(rows, bias):
+    """The decode paths of lmforge's Linear (W @ x^T for 2-32 rows, a transposed copy for one
+    row) compute F.linear; the copy follows in-place weight updates (an optimizer step)."""
+    from lmforge.model.transformer import Linear, keep_transposed_weights
+
+    torch.manual_seed(0)
+    lin = Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 1, 48)
+    assert keep_transposed_weights(lin)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)
+    with torch.inference_mode():
+        got = lin(x)
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    assert got.shape == (rows, 1, 80) and got.is_contiguous()
+    # with gradients on, the plain path (autograd through F.linear)
+    y = lin(x.requires_grad_())
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(rows, 1, 48))
+    # switched off, the copy is dropped
+    assert not keep_transposed_weights(lin, on=False) and lin._wt is None

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn as nn
 
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
 from lmforge.model import KVCache
+from lmforge.model.transformer import keep_transposed_weights
 
 
 @dataclass
@@ -172,48 +172,11 @@ def cache_rows(cache: KVCache, lo: int, hi: int) -> KVCache:
     return cache.rows(lo, hi)
 
 
-class LastTokenHead(nn.Module):
-    """Stands in for `model.lm_head` during the engine's forward calls: logits of the last
-    position only (prefill needs no others), and for 1-2 rows a matmul against a transposed copy
-    of the weight, x (B, C) @ W^T (C, V), which PyTorch's CPU GEMM runs ~3x faster than
-    F.linear's x @ W (V, C) for this shape (vocab 8192 x 384: 0.5 vs 1.7 ms per step). The copy
-    is refreshed whenever the weight changes (an optimizer step between rollouts).
-    Only used for a plain nn.Linear head (a quantized head runs as it is).
-    """
-
-    def __init__(self, head: nn.Linear):
-        super().__init__()
-        object.__setattr__(self, "head", head)  # not a submodule: the model keeps owning it
-        self._weight_t: torch.Tensor | None = None
-        self._stamp = None
-        self.last_only = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, 1, V), or (B, T, V) when not last_only
-        if self.last_only:
-            x = x[:, -1:]
-        w = self.head.weight
-        if x.shape[0] * x.shape[1] > 2 or self.head.bias is not None or x.dtype != w.dtype:
-            return self.head(x)
-        stamp = (w.data_ptr(), w._version, w.device, w.dtype)
-        if stamp != self._stamp:
-            self._weight_t, self._stamp = w.detach().t().contiguous(), stamp  # (C, V)
-        return x @ self._weight_t
-
-
-def forward_with_head(model, head: LastTokenHead | None, idx: torch.Tensor, cache: KVCache, positions=None, last_only: bool = True) -> torch.Tensor:
+def forward_last(model, idx: torch.Tensor, cache: KVCache, positions=None, last_only: bool = True) -> torch.Tensor:
     """model(idx, kv_cache=cache, positions=positions) logits, (B, 1, V) if last_only else
-    (B, T, V), with `head` standing in for model.lm_head during the call when given."""
-    keep = 1 if last_only else 0  # the model skips norm and head for the other positions
-    if head is None:
-        logits, _ = model(idx, kv_cache=cache, positions=positions, logits_to_keep=keep)
-        return logits
-    original = model.lm_head
-    model.lm_head = head
-    head.last_only = last_only
-    try:
-        logits, _ = model(idx, kv_cache=cache, positions=positions, logits_to_keep=keep)
-    finally:
-        model.lm_head = original
+    (B, T, V): a prefill needs only the last position's logits (the model skips the final norm
+    and the head's matmul for the others)."""
+    logits, _ = model(idx, kv_cache=cache, positions=positions, logits_to_keep=1 if last_only else 0)
     return logits
 
 
@@ -226,9 +189,8 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: int | None = None,
-                 prefix_cache: PrefixCache | None = None, cache: KVCache | None = None, head: "LastTokenHead | None" = None):
+                 prefix_cache: PrefixCache | None = None, cache: KVCache | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.head = head
         self.config = model.config
         self.max_len = min(max_len or self.config.block_size, self.config.block_size)
         p = next(model.parameters())
@@ -303,7 +265,7 @@ class Scheduler:
 
     def _last_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), through the model and its cache."""
-        return forward_with_head(self.model, self.head, idx, cache)[:, -1]
+        return forward_last(self.model, idx, cache)[:, -1]
 
     def _prefill(self, requests: list[Request]) -> list[StreamEvent]:
         """Prefill newly admitted requests: one forward call per group of prompts with the same
@@ -418,7 +380,11 @@ class Engine:
         if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
         self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
-        self.head = LastTokenHead(model.lm_head) if type(model.lm_head) is nn.Linear else None
+        # CPU decoding at batch 1 reads each weight through a transposed copy (~2x faster; see
+        # lmforge.model.transformer.Linear), for models up to 1 GiB of Linear weights
+        self.transposed_weights = keep_transposed_weights(model)
+        if draft_model is not None:
+            keep_transposed_weights(draft_model)
         self._cache: KVCache | None = None
         self._cache_busy = False
         self._weights_stamp = None
@@ -483,7 +449,7 @@ class Engine:
         max_len = min(C, max(len(ids) + p.max_new_tokens - 1 for ids, p in zip(ids_list, params_list)))
         cache = self._borrow_cache(max(n_rows, max(p.n for p in params_list)), max_len)
         try:
-            sched = Scheduler(self.model, self.tokenizer, prefix_cache=self.prefix_cache, cache=cache, head=self.head)
+            sched = Scheduler(self.model, self.tokenizer, prefix_cache=self.prefix_cache, cache=cache)
             requests = [sched.add(ids, p) for ids, p in zip(ids_list, params_list)]
             number = {r.id: i + 1 for i, r in enumerate(requests)}
             while sched.has_work:
@@ -537,7 +503,7 @@ class Engine:
     def scheduler(self, max_batch_size: int | None = None, max_len: int | None = None) -> Scheduler:
         """A long-lived continuous-batching scheduler sharing this engine's prefix cache (the
         server runs `step()` in a loop and `add()`s requests as they arrive)."""
-        return Scheduler(self.model, self.tokenizer, max_batch_size or self.max_batch_size, max_len, self.prefix_cache, head=self.head)
+        return Scheduler(self.model, self.tokenizer, max_batch_size or self.max_batch_size, max_len, self.prefix_cache)
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:

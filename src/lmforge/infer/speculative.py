@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from lmforge.infer.engine import LastTokenHead, Request, Row, StreamEvent, cache_rows, eval_mode, forward_with_head
+from lmforge.infer.engine import Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import KVCache
 
@@ -40,24 +40,24 @@ def _prefill(model, cache: KVCache, ids: list[int], row: int, device) -> torch.T
 
 
 @torch.inference_mode()
-def _round(target, draft, ct: KVCache, cd: KVCache, rows: list[Row], k: int, device, heads):
+def _round(target, draft, ct: KVCache, cd: KVCache, rows: list[Row], k: int, device):
     """One draft-then-verify round. Returns (accepted tokens per row, their log-probs, drafts used)."""
     B = len(rows)
     q = torch.tensor([row.n_tokens - 1 for row in rows], device=device)  # (B,) slot of x0
     x0 = torch.tensor([row.last_token for row in rows], device=device)  # (B,)
     if k > 0:
         prev = torch.tensor([(row.request.prompt_ids + row.token_ids)[row.n_tokens - 2] for row in rows], device=device)
-        logits = forward_with_head(draft, heads[1], torch.stack([prev, x0], 1), cd, q[:, None] + torch.arange(-1, 1, device=device))
+        logits = forward_last(draft, torch.stack([prev, x0], 1), cd, q[:, None] + torch.arange(-1, 1, device=device))
         guesses = [logits[:, -1].argmax(-1)]  # each (B,)
         for j in range(1, k):
-            logits = forward_with_head(draft, heads[1], guesses[-1][:, None], cd, (q + j)[:, None])
+            logits = forward_last(draft, guesses[-1][:, None], cd, (q + j)[:, None])
             guesses.append(logits[:, -1].argmax(-1))
         drafts = torch.stack(guesses, 1)  # (B, k)
         inp = torch.cat([x0[:, None], drafts], 1)  # (B, k+1)
     else:
         drafts = torch.empty(B, 0, dtype=torch.long, device=device)
         inp = x0[:, None]
-    logits = forward_with_head(target, heads[0], inp, ct, q[:, None] + torch.arange(k + 1, device=device), last_only=False)  # (B, k+1, V)
+    logits = forward_last(target, inp, ct, q[:, None] + torch.arange(k + 1, device=device), last_only=False)  # (B, k+1, V)
     best = logits.argmax(-1)  # (B, k+1)
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, best[..., None])[..., 0]  # (B, k+1)
     accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)  # (B,)
@@ -85,7 +85,6 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
     dt = next(target.parameters()).dtype
     ct = KVCache(target.config, len(rows), S, device=device, dtype=dt)
     cd = KVCache(draft.config, len(rows), S, device=device, dtype=next(draft.parameters()).dtype)
-    heads = (engine.head, LastTokenHead(draft.lm_head) if type(draft.lm_head) is torch.nn.Linear else None)
     for b, row in enumerate(rows):
         ids = row.request.prompt_ids
         with eval_mode(target, draft):
@@ -102,7 +101,7 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
             ct, cd, rows = _keep_rows(ct, index), _keep_rows(cd, index), [rows[b] for b in keep]
         k_eff = max(0, min(k, min(S - 1 - (row.n_tokens - 1) for row in rows)))
         with eval_mode(target, draft):
-            tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device, heads)
+            tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device)
         engine.spec_stats["proposed"] += proposed
         engine.spec_stats["accepted"] += accepted
         engine.spec_stats["target_steps"] += 1
