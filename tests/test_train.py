@@ -103,6 +103,28 @@ def test_muon_matches_torch_muon():
         assert du.norm() == pytest.approx(dr.norm().item(), rel=0.02)
 
 
+def test_muon_on_an_expert_stack_equals_muon_per_expert():
+    """A 3-D MoE expert stack (E, out, in) gets, expert by expert, the update a 2-D matrix would."""
+    from lmforge.train.muon import Muon
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 24, 10)
+    stack = torch.nn.Parameter(w.clone())
+    singles = [torch.nn.Parameter(w[e].clone()) for e in range(3)]
+    opt_stack, opt_singles = Muon([stack], lr=0.02, weight_decay=0.1), Muon(singles, lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(3, 24, 10)
+        stack.grad = g.clone()
+        for e, p in enumerate(singles):
+            p.grad = g[e].clone()
+        opt_stack.step()
+        opt_singles.step()
+    assert not torch.equal(stack.detach(), w)
+    torch.testing.assert_close(stack.detach(), torch.stack([p.detach() for p in singles]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="2-D matrices or 3-D stacks"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
+
+
 def test_muon_option_trains(shards, tmp_path):
     from lmforge.train.muon import Muon
 

@@ -36,15 +36,17 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters (hidden weight matrices); use AdamW for everything else."""
+    """Muon for hidden weight matrices: 2-D parameters, or 3-D stacks of matrices (MoE experts,
+    (E, out, in)), where each matrix of the stack is orthogonalised on its own. Use AdamW for
+    everything else."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, nesterov: bool = True,
                  ns_steps: int = 5):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps))
         for group in self.param_groups:
             for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"Muon takes 2-D parameters only, got shape {tuple(p.shape)}")
+                if p.dim() not in (2, 3):
+                    raise ValueError(f"Muon takes 2-D matrices or 3-D stacks of them, got shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,8 +65,8 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * g
                 g = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = orthogonalize(g, group["ns_steps"])
-                scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))  # Keller Jordan's shape scale
+                update = orthogonalize(g, group["ns_steps"])  # batched over a stack's matrices
+                scale = math.sqrt(max(1.0, p.size(-2) / p.size(-1)))  # Keller Jordan's shape scale
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * scale)
         return loss

@@ -51,8 +51,9 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
     """["adamw"] -> [AdamW]; ["muon"] -> [Muon over the 2-D hidden matrices, AdamW over the rest].
 
     Muon (muon.py) orthogonalises each matrix's momentum with 5 Newton-Schulz iterations, so
-    every direction of the update has the same size; it is meant for hidden matrices only, so the
-    embeddings, the LM head, norms, biases and 3-D MoE expert stacks stay with AdamW.
+    every direction of the update has the same size; it is meant for hidden matrices only (the
+    attention and MLP weights, and MoE expert stacks (E, out, in), one matrix per expert), so the
+    embeddings, the LM head, the router, norms and biases stay with AdamW.
     Each optimizer's `initial_lr` is stored per group so the schedule scales all of them alike.
     """
     if name == "adamw":
@@ -63,7 +64,7 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
         for pname, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            is_hidden = p.dim() == 2 and "embed" not in pname and "lm_head" not in pname and "router" not in pname
+            is_hidden = p.dim() in (2, 3) and "embed" not in pname and "lm_head" not in pname and "router" not in pname
             (hidden if is_hidden else rest).append((pname, p))
         decay = [p for n, p in rest if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in rest if not (p.dim() >= 2 and "embed" not in n)]
