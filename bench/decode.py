@@ -1,6 +1,6 @@
 """Decode speed: lmforge's engine vs transformers' `generate` (with its KV cache), same weights.
 
-The model: the `small` preset (6 layers, 384 wide, 6 heads, SwiGLU 1024, vocab 8192), random
+The model: the `medium` preset (6 layers, 384 wide, 6 heads, SwiGLU 1024, vocab 8192), random
 init, context 1024, exported to `transformers.LlamaForCausalLM` with lmforge.model.hf.to_hf.
 Both run greedy, fp32, on CPU, in this process, with the same thread count, alternating.
 
@@ -57,7 +57,7 @@ def main() -> None:
 
     text = DATA.read_text(encoding="utf-8") if DATA.exists() else "hello world " * 20000
     tok = train(text, vocab_size=8192, workers=1)
-    cfg = ModelConfig.from_preset("small", vocab_size=8192, block_size=1024)
+    cfg = ModelConfig.from_preset("medium", vocab_size=8192, block_size=1024)
     model = Transformer(cfg).eval()
     hf = to_hf(model).eval()
     engine = Engine(model, tok, prefix_cache_bytes=0)
@@ -75,7 +75,7 @@ def main() -> None:
     def lm_gen(ids, n, eng=engine):
         return eng.generate(ids.tolist(), SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
 
-    result = {"bench": "decode", "model": "small 6x384 vocab 8192 fp32", "threads": args.threads, "new_tokens": N,
+    result = {"bench": "decode", "model": "medium 6x384 vocab 8192 fp32", "threads": args.threads, "new_tokens": N,
               "prompt_len": args.prompt_len}
     agree = []
     for B in (1, 8):

@@ -1,6 +1,6 @@
 """MoE speed, in one run, as one JSON line of ratios against peers measured in the same process.
 
-1. forward+backward time per token of one MoE layer (small-moe: C=384, 8 experts of width 512,
+1. forward+backward time per token of one MoE layer (medium-moe: C=384, 8 experts of width 512,
    top-2) against
    - a dense SwiGLU FFN with the same active parameters (width k*F = 1024): target ratio <= 2.5;
    - the naive per-expert masked loop (every expert runs on every token, outputs multiplied by a
@@ -69,7 +69,7 @@ def time_fwd_bwd(fn, x, repeats: int) -> list[float]:
 
 def bench_layer(args, dtype) -> dict:
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("small-moe")
+    cfg = ModelConfig.from_preset("medium-moe")
     C = cfg.n_embd
     moe = MoEFeedForward(cfg).to(dtype)
     dense = MLP(cfg, hidden=cfg.n_expert_per_token * cfg.expert_ffn_hidden).to(dtype)

@@ -85,7 +85,10 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak (AdamW) learning rate")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon on the hidden matrices "
+                   "(expert stacks too, one matrix per expert) + AdamW on the rest")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon learning rate")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps (also where load balance is judged from)")
     p.add_argument("--eval-interval", type=int, default=25, help="steps between validations")
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows per evaluation")
@@ -122,6 +125,7 @@ def main():
             data=DataConfig(path=str(shards), batch_size=args.batch_size, seq_len=args.seq_len,
                             eval_windows=args.eval_windows, sample_tokens=0),
             train=TrainConfig(max_steps=args.steps, warmup_steps=args.warmup, lr=args.lr, eval_interval=args.eval_interval,
+                              optimizer=args.optimizer, muon_lr=args.muon_lr,
                               ckpt_interval=0, log_interval=5, precision="fp32", progress=False, seed=0),
         )
         run_dir = out / name
@@ -144,6 +148,7 @@ def main():
     line = {
         "bench": "moe_vs_dense",
         "data": args.data or f"built-in world {args.world_size}", "steps": args.steps, "balance_from_step": balance_from,
+        "optimizer": args.optimizer,
         "tokens_per_run": args.steps * args.batch_size * args.seq_len,
         "final_val_loss": {k: round(v["final_val_loss"], 4) for k, v in results.items()},
         "tok_s": {k: v["tok_s"] for k, v in results.items()},

@@ -21,14 +21,16 @@ def register(subparsers):
     p = add_command(subparsers, "demo", "generate the world, train a tokenizer, pretrain `small` for a few minutes, evaluate, print samples",
                     func=cmd_demo)
     p.add_argument("--out", default="runs/demo", help="run directory (reused data: world, tokenizer and shards are kept)")
-    p.add_argument("--minutes", type=float, default=6.0, help="pretraining time budget in minutes")
+    p.add_argument("--minutes", type=float, default=8.0, help="pretraining time budget in minutes")
     p.add_argument("--size", default="10MB", help="bytes of world text to generate")
     p.add_argument("--seed", type=int, default=0, help="world and training seed")
     p.add_argument("--preset", default="small", help="model preset")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (embeddings, head, norms with Muon)")
+    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"], help="muon: Muon on the hidden matrices + AdamW on the rest")
+    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon learning rate")
     p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")
     p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated evaluation sets (chat and tool sets need later stages)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -71,6 +73,7 @@ def cmd_demo(args) -> int:
 
     report = demo(args.out, minutes=args.minutes, size=args.size, seed=args.seed, preset=args.preset,
                   vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                  optimizer=args.optimizer, muon_lr=args.muon_lr,
                   eval_items=args.eval_items, tasks=_tasks_arg(args.tasks), progress=not args.no_progress, log=log)
     tr = report["train"]
     print(f"\ntrained {tr['step']} steps, {tr['tokens']:,} tokens, final loss {tr['loss']:.3f}" if tr.get("loss") is not None else "")

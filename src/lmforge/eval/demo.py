@@ -31,8 +31,9 @@ DEMO_SAMPLE_PROMPTS = [
 ]
 
 
-def demo(out, minutes: float = 6.0, size: str = "10MB", seed: int = 0, preset: str = "small",
+def demo(out, minutes: float = 8.0, size: str = "10MB", seed: int = 0, preset: str = "small",
          vocab_size: int = 4096, batch_size: int = 8, seq_len: int = 128, lr: float = 3e-3, warmup_steps: int = 20,
+         optimizer: str = "muon", muon_lr: float = 0.02,
          eval_items: int = 200, tasks: list[str] | None = None, progress: bool = True, log=None) -> dict:
     """Run the demo into `out`; returns {"timings", "train", "eval", "samples"} (also out/demo.json)."""
     from lmforge.train.loop import TrainConfig
@@ -59,6 +60,7 @@ def demo(out, minutes: float = 6.0, size: str = "10MB", seed: int = 0, preset: s
         data=DataConfig(path=str(shards_dir), batch_size=batch_size, seq_len=seq_len, eval_windows=64,
                         sample_prompt=DEMO_SAMPLE_PROMPTS[0], sample_tokens=8),
         train=TrainConfig(max_steps=1_000_000, max_time=minutes * 60, time_schedule=True, lr=lr, warmup_steps=warmup_steps,
+                          optimizer=optimizer, muon_lr=muon_lr,
                           eval_interval=0, ckpt_interval=0, log_interval=10, seed=seed, progress=progress),
     )
     summary = pretrain(run, out, progress=progress)

@@ -155,10 +155,14 @@ _LLAMA3_SCALING = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor":
 PRESETS: dict[str, dict] = {
     # CPU-sized, for tests and minutes-long runs (vocab set from the tokenizer at train time)
     "tiny": dict(vocab_size=8192, n_layer=2, n_head=4, n_embd=128, block_size=256),
-    "small": dict(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024, block_size=256),
+    # `small` is sized for the demo's ten CPU minutes (~1.4-2.5 M tokens): at that budget a 0.8M-
+    # parameter body learns the world's addition and lexicon, a 10M one (`medium`) only its formats
+    "small": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, ffn_hidden=384, block_size=256),
+    "medium": dict(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024, block_size=256),
     # Mixture-of-Experts twins: 8 experts, top-2, each expert half as wide -> equal active FFN parameters
     "tiny-moe": dict(vocab_size=8192, n_layer=2, n_head=4, n_embd=128, block_size=256, ffn_hidden=384, n_expert=8, n_expert_per_token=2, expert_ffn_hidden=192),
-    "small-moe": dict(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024, block_size=256, n_expert=8, n_expert_per_token=2, expert_ffn_hidden=512),
+    "small-moe": dict(vocab_size=8192, n_layer=4, n_head=4, n_embd=128, ffn_hidden=384, block_size=256, n_expert=8, n_expert_per_token=2, expert_ffn_hidden=192),
+    "medium-moe": dict(vocab_size=8192, n_layer=6, n_head=6, n_embd=384, ffn_hidden=1024, block_size=256, n_expert=8, n_expert_per_token=2, expert_ffn_hidden=512),
     # real families
     "gpt2": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, ffn_hidden=3072, block_size=1024, norm="layernorm", norm_eps=1e-5, activation="gelu", pos_emb="learned", tie_embeddings=True, bias=True),
     "llama-3.2-1b": dict(vocab_size=128256, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_hidden=8192, block_size=131072, rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 32.0}, tie_embeddings=True),
