@@ -49,6 +49,27 @@ def imbalance_curve(train_records: list[dict]) -> tuple[list[int], list[float]]:
     return steps, worst
 
 
+def windowed_imbalance_curve(train_records: list[dict], window: int) -> tuple[list[int], list[int], list[float]]:
+    """The expert load over training rather than within one batch: each layer's load vectors are
+    averaged over `window` consecutive logged steps, then max/mean of the worst layer; one point
+    per window: (first steps, last steps, ratios). A single batch of a few sequences is dominated by a few
+    document kinds, so its own max/mean also measures what the batch is about."""
+    rows = [(r["step"], [r[k] for k in sorted(r) if k.startswith("moe/") and k.endswith("/load")]) for r in train_records]
+    rows = [(s, loads) for s, loads in rows if loads]
+    starts, steps, worst = [], [], []
+    for i in range(0, len(rows) - window + 1, window):
+        chunk = rows[i : i + window]
+        ratios = []
+        for layer in range(len(chunk[0][1])):
+            E = len(chunk[0][1][layer])
+            mean_load = [sum(c[1][layer][e] for c in chunk) / window for e in range(E)]
+            ratios.append(max(mean_load) / (sum(mean_load) / E))
+        starts.append(chunk[0][0])
+        steps.append(chunk[-1][0])
+        worst.append(max(ratios))
+    return starts, steps, worst
+
+
 def plot(results: dict, png: Path, warmup: int) -> None:
     import matplotlib
 
@@ -59,7 +80,8 @@ def plot(results: dict, png: Path, warmup: int) -> None:
     for name, r in results.items():
         ax_loss.plot(r["val_steps"], r["val_loss"], marker="o", ms=3, label=f"{name} ({r['preset']})")
         if r["imbalance_steps"]:
-            ax_bal.plot(r["imbalance_steps"], r["imbalance"], lw=1, label=name)
+            line, = ax_bal.plot(r["imbalance_steps"], r["imbalance"], lw=0.6, alpha=0.45, label=f"{name}, per batch")
+            ax_bal.plot(r["windowed_steps"], r["windowed_imbalance"], lw=2, color=line.get_color(), label=f"{name}, load over {r['window']} logged batches")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("validation loss (nats/token)")
     ax_loss.set_title("equal active parameters, tokens and steps")
@@ -68,7 +90,6 @@ def plot(results: dict, png: Path, warmup: int) -> None:
     ax_bal.axvline(warmup, color="grey", ls=":", lw=1)
     ax_bal.set_xlabel("step")
     ax_bal.set_ylabel("max / mean expert load (worst layer)")
-    ax_bal.set_yscale("log")
     ax_bal.set_title("load balance")
     ax_bal.legend()
     fig.tight_layout()
@@ -95,6 +116,7 @@ def main():
     p.add_argument("--data", default=None, help="a shards directory (with its tokenizer.json) instead of the built-in world, "
                    "e.g. tinyshakespeare prepared with `lmforge data prepare`")
     p.add_argument("--balance-from", type=int, default=None, help="judge load balance on steps after this one (default: --warmup)")
+    p.add_argument("--balance-window", type=int, default=10, help="logged steps averaged for the windowed load balance")
     p.add_argument("--bias-rate", type=float, default=1e-3, help="router_bias_update_rate of the moe-bias run")
     p.add_argument("--world-size", default="4MB", help="built-in world text to generate")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the world")
@@ -134,6 +156,8 @@ def main():
         train_records, val_records = read_metrics(run_dir)
         steps, worst = imbalance_curve(train_records)
         after = [v for s, v in zip(steps, worst) if s > balance_from]
+        wstarts, wsteps, wworst = windowed_imbalance_curve(train_records, args.balance_window)
+        wafter = [v for s, v in zip(wstarts, wworst) if s > balance_from]  # windows that start after warm-up
         results[name] = {
             "preset": preset, "overrides": model,
             "final_val_loss": val_records[-1]["val_loss"],
@@ -141,6 +165,8 @@ def main():
             "tok_s": statistics.median(r["tok_s"] for r in train_records if r["step"] > 1),
             "val_steps": [r["step"] for r in val_records], "val_loss": [r["val_loss"] for r in val_records],
             "imbalance_steps": steps, "imbalance": worst,
+            "windowed_steps": wsteps, "windowed_imbalance": wworst, "window": args.balance_window,
+            "max_windowed_imbalance_after_warmup": max(wafter) if wafter else None,
             "max_imbalance_after_warmup": max(after) if after else None,
             "mean_imbalance_after_warmup": sum(after) / len(after) if after else None,
         }
@@ -156,6 +182,8 @@ def main():
                                        for k, v in results.items() if v["imbalance"]},
         "mean_imbalance_after_warmup": {k: v["mean_imbalance_after_warmup"] and round(v["mean_imbalance_after_warmup"], 3)
                                         for k, v in results.items() if v["imbalance"]},
+        "max_windowed_imbalance_after_warmup": {k: v["max_windowed_imbalance_after_warmup"] and round(v["max_windowed_imbalance_after_warmup"], 3)
+                                                for k, v in results.items() if v["imbalance"]},
         "plot": str(out / "moe_vs_dense.png"),
     }
     if "dense" in results and "moe" in results:
