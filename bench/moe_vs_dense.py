@@ -77,11 +77,12 @@ def plot(results: dict, png: Path, warmup: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_bal) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        ax_loss.plot(r["val_steps"], r["val_loss"], marker="o", ms=3, label=f"{name} ({r['preset']})")
+    for i, (name, r) in enumerate(results.items()):
+        color = f"C{i}"  # one colour per run in both panels
+        ax_loss.plot(r["val_steps"], r["val_loss"], marker="o", ms=3, color=color, label=f"{name} ({r['preset']})")
         if r["imbalance_steps"]:
-            line, = ax_bal.plot(r["imbalance_steps"], r["imbalance"], lw=0.6, alpha=0.45, label=f"{name}, per batch")
-            ax_bal.plot(r["windowed_steps"], r["windowed_imbalance"], lw=2, color=line.get_color(), label=f"{name}, load over {r['window']} logged batches")
+            ax_bal.plot(r["imbalance_steps"], r["imbalance"], lw=0.6, alpha=0.45, color=color, label=f"{name}, per batch")
+            ax_bal.plot(r["windowed_steps"], r["windowed_imbalance"], lw=2, color=color, label=f"{name}, load over {r['window']} logged batches")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("validation loss (nats/token)")
     ax_loss.set_title("equal active parameters, tokens and steps")
