@@ -295,3 +295,44 @@ def test_moe_and_gpt2_style_models_generate_like_full_recompute(tok):
         ids = tok.encode("First Citizen: hear me")
         params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
         assert Engine(model, tok).generate(ids, params).token_ids == reference(model, ids, params, 10)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=4, tie_embeddings=True)])
+def test_lean_decode_step_equals_the_model_forward(tok, overrides):
+    """DecodeStep (fused transposed weights, ~20 ops per block) computes Transformer.forward's
+    logits and cache for one token per row at a shared position, and follows weight updates."""
+    from lmforge.infer.decode_step import DecodeStep
+    from lmforge.model import KVCache
+
+    cfg = ModelConfig.from_preset("tiny", **{**dict(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                                    block_size=64), **overrides})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    step = DecodeStep(model)
+    ref, fast = KVCache(cfg, 2, 32), KVCache(cfg, 2, 32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.inference_mode():
+        model(ids, kv_cache=ref)
+        model(ids, kv_cache=fast)
+        for t in range(4):
+            if t == 2:  # "an optimizer step" between decode steps
+                for w in model.parameters():
+                    w.mul_(1.1)
+            x = torch.randint(0, cfg.vocab_size, (2, 1))
+            expected, _ = model(x, kv_cache=ref)
+            got = step.step(x, fast, int(fast.pos[0]))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref.pos, fast.pos)
+    torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
+
+
+def test_engine_uses_the_lean_step_only_where_it_applies(tok):
+    from lmforge.infer.decode_step import supports
+
+    llama = tiny_model(tok)
+    assert supports(llama) and Engine(llama, tok).decode_step is not None
+    for overrides in (dict(n_expert=4, expert_ffn_hidden=64), dict(qk_norm=True),
+                      dict(norm="layernorm", activation="gelu", pos_emb="learned", bias=True, tie_embeddings=True)):
+        cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=64, n_head=4, block_size=64, **overrides)
+        model = Transformer(cfg).eval()
+        assert not supports(model) and Engine(model, tok).decode_step is None

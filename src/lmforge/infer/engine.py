@@ -38,7 +38,11 @@ import torch
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
 from lmforge.model import KVCache
+from lmforge.infer.decode_step import DecodeStep
+from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.model.transformer import keep_transposed_weights
+
+TRANSPOSED_MAX_BYTES = 2**30  # CPU decoding keeps transposed weight copies for models up to this size
 
 
 @dataclass
@@ -189,8 +193,9 @@ class Scheduler:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: int | None = None,
-                 prefix_cache: PrefixCache | None = None, cache: KVCache | None = None):
+                 prefix_cache: PrefixCache | None = None, cache: KVCache | None = None, decode_step: DecodeStep | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.decode_step = decode_step
         self.config = model.config
         self.max_len = min(max_len or self.config.block_size, self.config.block_size)
         p = next(model.parameters())
@@ -264,7 +269,10 @@ class Scheduler:
         return events
 
     def _last_logits(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, V) of the last position of idx (B, T), through the model and its cache."""
+        """Logits (B, V) of the last position of idx (B, T), through the model and its cache
+        (one row, one token: through the lean decode step when the engine has one)."""
+        if self.decode_step is not None and idx.shape == (1, 1):
+            return self.decode_step.step(idx, cache, int(cache.pos[0]))[:, -1]
         return forward_last(self.model, idx, cache)[:, -1]
 
     def _prefill(self, requests: list[Request]) -> list[StreamEvent]:
@@ -380,11 +388,17 @@ class Engine:
         if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
         self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
-        # CPU decoding at batch 1 reads each weight through a transposed copy (~2x faster; see
-        # lmforge.model.transformer.Linear), for models up to 1 GiB of Linear weights
-        self.transposed_weights = keep_transposed_weights(model)
+        # CPU decoding at batch 1 reads each weight through a transposed copy (~1.5x faster), for
+        # models up to 1 GiB of Linear weights: in the lean DecodeStep where the model's shape is
+        # covered (decode_step.py), else in the model's own Linear layers (transformer.Linear)
+        self.decode_step = None
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if on_cpu and decode_step_supports(model) and DecodeStep.weight_bytes(model) <= TRANSPOSED_MAX_BYTES:
+            self.decode_step = DecodeStep(model)
+        else:
+            keep_transposed_weights(model, max_bytes=TRANSPOSED_MAX_BYTES)
         if draft_model is not None:
-            keep_transposed_weights(draft_model)
+            keep_transposed_weights(draft_model, max_bytes=TRANSPOSED_MAX_BYTES)
         self._cache: KVCache | None = None
         self._cache_busy = False
         self._weights_stamp = None
@@ -449,7 +463,8 @@ class Engine:
         max_len = min(C, max(len(ids) + p.max_new_tokens - 1 for ids, p in zip(ids_list, params_list)))
         cache = self._borrow_cache(max(n_rows, max(p.n for p in params_list)), max_len)
         try:
-            sched = Scheduler(self.model, self.tokenizer, prefix_cache=self.prefix_cache, cache=cache)
+            sched = Scheduler(self.model, self.tokenizer, prefix_cache=self.prefix_cache, cache=cache,
+                              decode_step=self.decode_step)
             requests = [sched.add(ids, p) for ids, p in zip(ids_list, params_list)]
             number = {r.id: i + 1 for i, r in enumerate(requests)}
             while sched.has_work:
@@ -503,7 +518,8 @@ class Engine:
     def scheduler(self, max_batch_size: int | None = None, max_len: int | None = None) -> Scheduler:
         """A long-lived continuous-batching scheduler sharing this engine's prefix cache (the
         server runs `step()` in a loop and `add()`s requests as they arrive)."""
-        return Scheduler(self.model, self.tokenizer, max_batch_size or self.max_batch_size, max_len, self.prefix_cache)
+        return Scheduler(self.model, self.tokenizer, max_batch_size or self.max_batch_size, max_len, self.prefix_cache,
+                         decode_step=self.decode_step)
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:
