@@ -12,8 +12,9 @@ How a step works (`Scheduler.step`), the continuous-batching loop the server als
    prompt in one forward call, copy the row to the request's other n-1 samples (one prefill for
    n samples) and sample each sample's first token;
 2. one decode forward for every running row, each at its own position (the model's KV cache
-   takes per-row positions), then sample each row's next token with its own parameters and
-   generator (sampling.py);
+   takes per-row positions; a single row on CPU goes through the lean `DecodeStep`,
+   decode_step.py), then sample each row's next token with its own parameters and generator
+   (sampling.py);
 3. turn tokens into text deltas (the tokenizer's stream decoder never splits a character; text
    that may be the start of a stop string is held back), and retire finished rows: the last row
    moves into the freed slot, so running rows always fill cache rows 0..B-1.
@@ -35,11 +36,11 @@ from typing import Iterator
 
 import torch
 
+from lmforge.infer.decode_step import DecodeStep
+from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
 from lmforge.model import KVCache
-from lmforge.infer.decode_step import DecodeStep
-from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.model.transformer import keep_transposed_weights
 
 TRANSPOSED_MAX_BYTES = 2**30  # CPU decoding keeps transposed weight copies for models up to this size

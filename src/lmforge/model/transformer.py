@@ -38,10 +38,10 @@ class Linear(nn.Linear):
     AVX2 EPYC (MKL's gemv/small-GEMM kernels), under half of the ~12-16 GB/s the memory gives:
       - 2..SMALL_M rows: `(W @ x^T)^T` is the same product as a GEMM over W's rows, which MKL
         runs at 5-12 GB/s here (~2x);
-      - 1 row: only `x @ W^T` with W^T stored contiguous (in, out) streams at full speed (~2x);
+      - 1 row: only `x @ W^T` with W^T stored contiguous (in, out) streams at full speed (~1.5x);
         that needs a transposed copy of the weight. It is kept only when `keep_transposed` is
-        set (the inference engine sets it on CPU; it doubles the Linear weights' memory), and
-        refreshed whenever the weight changes (an optimizer step between generations).
+        set (the inference engine sets it on CPU for models its lean DecodeStep does not cover;
+        it doubles the Linear weights' memory), and refreshed whenever the weight changes.
     Training (gradients on) and large batches take plain `F.linear`.
     """
 
