@@ -15,28 +15,24 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
                   "original_max_position_embeddings": 64}
 
 
+# the Llama-family shape every tiny HF model below shares; each family adds its own fields
+LLAMA_LIKE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+
+
 def tiny_llama(**kw):
-    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
-    cfg.update(kw)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    cfg = dict(LLAMA_LIKE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw}))
 
 
 def tiny_qwen2(**kw):
-    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    cfg.update(kw)
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    cfg = dict(LLAMA_LIKE, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**cfg, **kw}))
 
 
 def tiny_mistral(**kw):
-    cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=None,
-               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
-    cfg.update(kw)
-    return transformers.MistralForCausalLM(transformers.MistralConfig(**cfg))
+    cfg = dict(LLAMA_LIKE, num_key_value_heads=1, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**{**cfg, **kw}))
 
 
 def tiny_gpt2(**kw):

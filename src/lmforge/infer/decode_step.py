@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import KVCache
-from lmforge.model.transformer import Linear, apply_rope
+from lmforge.model.transformer import Linear, apply_rope, weights_stamp
 
 
 def supports(model) -> bool:
@@ -52,13 +52,9 @@ class DecodeStep:
         self._blocks: list[tuple] = []
         self._head_t: torch.Tensor | None = None
 
-    @staticmethod
-    def weight_bytes(model) -> int:
-        return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
-
     def _refresh(self) -> None:
         """(Re)build the transposed, fused weights when any parameter changed since the last build."""
-        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        stamp = weights_stamp(self.model)
         if stamp == self._stamp:
             return
         blocks = []

@@ -41,7 +41,7 @@ from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
 from lmforge.model import KVCache
-from lmforge.model.transformer import keep_transposed_weights
+from lmforge.model.transformer import keep_transposed_weights, linear_bytes, weights_stamp
 
 TRANSPOSED_MAX_BYTES = 2**30  # CPU decoding keeps transposed weight copies for models up to this size
 
@@ -392,11 +392,10 @@ class Engine:
         # CPU decoding at batch 1 reads each weight through a transposed copy (~1.5x faster), for
         # models up to 1 GiB of Linear weights: in the lean DecodeStep where the model's shape is
         # covered (decode_step.py), else in the model's own Linear layers (transformer.Linear)
-        self.decode_step = None
         on_cpu = next(model.parameters()).device.type == "cpu"
-        if on_cpu and decode_step_supports(model) and DecodeStep.weight_bytes(model) <= TRANSPOSED_MAX_BYTES:
-            self.decode_step = DecodeStep(model)
-        else:
+        lean = on_cpu and decode_step_supports(model) and linear_bytes(model) <= TRANSPOSED_MAX_BYTES
+        self.decode_step = DecodeStep(model) if lean else None
+        if not lean:
             keep_transposed_weights(model, max_bytes=TRANSPOSED_MAX_BYTES)
         if draft_model is not None:
             keep_transposed_weights(draft_model, max_bytes=TRANSPOSED_MAX_BYTES)
@@ -451,7 +450,7 @@ class Engine:
         C = self.config.block_size
         # cached prefixes are only valid for the weights that computed them (a training loop may
         # generate, step the optimizer, and generate again with the same engine)
-        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        stamp = weights_stamp(self.model)
         if stamp != self._weights_stamp and self.prefix_cache is not None:
             self.prefix_cache.clear()
         self._weights_stamp = stamp

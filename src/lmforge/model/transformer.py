@@ -67,13 +67,23 @@ class Linear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the model's `Linear` weights: what transposed copies of all of them take."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
+
+
+def weights_stamp(model: nn.Module) -> tuple:
+    """A value that changes whenever a parameter is replaced or updated in place (an optimizer
+    step): caches derived from the weights compare it to know they are stale."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
 def keep_transposed_weights(model: nn.Module, on: bool = True, max_bytes: int = 2**30) -> bool:
     """Let the model's `Linear` layers keep transposed weight copies for one-row matmuls (CPU
-    decoding at batch 1, ~2x faster), when the weights are on CPU and take at most `max_bytes`
+    decoding at batch 1, ~1.5x faster), when the weights are on CPU and take at most `max_bytes`
     (the copies take as much again). Returns whether it was switched on."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    size = sum(m.weight.numel() * m.weight.element_size() for m in layers)
-    on = on and size <= max_bytes and all(m.weight.device.type == "cpu" for m in layers)
+    on = on and linear_bytes(model) <= max_bytes and all(m.weight.device.type == "cpu" for m in layers)
     for m in layers:
         m.keep_transposed = on
         if not on:
