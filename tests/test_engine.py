@@ -297,20 +297,28 @@ def test_moe_and_gpt2_style_models_generate_like_full_recompute(tok):
         assert Engine(model, tok).generate(ids, params).token_ids == reference(model, ids, params, 10)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=4, tie_embeddings=True)])
-def test_lean_decode_step_equals_the_model_forward(tok, overrides):
-    """DecodeStep (fused transposed weights, ~20 ops per block) computes Transformer.forward's
-    logits and cache for one token per row at a shared position, and follows weight updates."""
+@pytest.mark.parametrize("overrides,batch,threads", [(dict(), 2, 2), (dict(), 1, 2), (dict(), 1, 1),
+                                                     (dict(n_kv_head=4, tie_embeddings=True), 2, 2)])
+def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, threads):
+    """DecodeStep (fused transposed weights with the norms folded in, matmuls split across
+    threads at batch 1) computes Transformer.forward's logits and cache for one token per row at
+    a shared position, and follows weight updates."""
     from lmforge.infer.decode_step import DecodeStep
     from lmforge.model import KVCache
 
-    cfg = ModelConfig.from_preset("tiny", **{**dict(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+    cfg = ModelConfig.from_preset("tiny", **{**dict(vocab_size=tok.vocab_size, n_layer=2, n_embd=128, n_head=4, n_kv_head=2,
                                                     block_size=64), **overrides})
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
+    with torch.no_grad():  # norm weights away from 1, so folding them into the matrices is checked
+        for name, w in model.named_parameters():
+            if name.endswith("norm.weight"):
+                w.uniform_(0.5, 1.5)
     step = DecodeStep(model)
-    ref, fast = KVCache(cfg, 2, 32), KVCache(cfg, 2, 32)
-    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    ref, fast = KVCache(cfg, batch, 32), KVCache(cfg, batch, 32)
+    ids = torch.randint(0, cfg.vocab_size, (batch, 9))
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     with torch.inference_mode():
         model(ids, kv_cache=ref)
         model(ids, kv_cache=fast)
@@ -318,10 +326,11 @@ def test_lean_decode_step_equals_the_model_forward(tok, overrides):
             if t == 2:  # "an optimizer step" between decode steps
                 for w in model.parameters():
                     w.mul_(1.1)
-            x = torch.randint(0, cfg.vocab_size, (2, 1))
+            x = torch.randint(0, cfg.vocab_size, (batch, 1))
             expected, _ = model(x, kv_cache=ref)
             got = step.step(x, fast, int(fast.pos[0]))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.set_num_threads(old_threads)
     assert torch.equal(ref.pos, fast.pos)
     torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
 

@@ -35,11 +35,12 @@ class Linear(nn.Linear):
     1-32 rows and the speed is the speed at which the weights stream from memory.
 
     PyTorch's CPU `F.linear(x, W)` with W stored (out, in) runs these shapes at 5-6 GB/s on an
-    AVX2 EPYC (MKL's gemv/small-GEMM kernels), under half of the ~12-16 GB/s the memory gives:
+    AVX2 EPYC (MKL's gemv/small-GEMM kernels), under half of the ~16-17 GB/s the memory gives:
       - 2..SMALL_M rows: `(W @ x^T)^T` is the same product as a GEMM over W's rows, which MKL
         runs at 5-12 GB/s here (~2x);
-      - 1 row: only `x @ W^T` with W^T stored contiguous (in, out) streams at full speed (~1.5x);
-        that needs a transposed copy of the weight. It is kept only when `keep_transposed` is
+      - 1 row: `x @ W^T` with W^T stored contiguous (in, out) streams at ~10 GB/s on one thread
+        (~1.5x), and `one_row_matmul` splits it across threads (~16 GB/s on two, ~2.3x); that
+        needs a transposed copy of the weight. It is kept only when `keep_transposed` is
         set (the inference engine sets it on CPU for models its lean DecodeStep does not cover;
         it doubles the Linear weights' memory), and refreshed whenever the weight changes.
     Training (gradients on) and large batches take plain `F.linear`.
@@ -58,13 +59,29 @@ class Linear(nn.Linear):
             stamp = (w.data_ptr(), w._version, w.dtype)
             if stamp != self._wt_stamp:
                 self._wt, self._wt_stamp = w.detach().t().contiguous(), stamp  # (in, out)
-            y = x @ self._wt
+            y = one_row_matmul(x.reshape(1, x.shape[-1]), self._wt).view(*x.shape[:-1], w.shape[0])
             return y if self.bias is None else y + self.bias
         if 1 <= rows <= SMALL_M:
             x2 = x.reshape(rows, x.shape[-1])
             y = torch.mm(w, x2.t()) if self.bias is None else torch.addmm(self.bias[:, None], w, x2.t())  # (out, rows)
             return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
+
+
+def one_row_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x (1, n) @ wt (n, m), wt contiguous, for CPU decoding at batch 1.
+
+    MKL runs a one-row product on one thread whatever the thread count (~10 GB/s of weights
+    here). Cutting the contraction into P = thread-count slices makes it a batched GEMM over P
+    contiguous (n/P, m) blocks, which runs one block per thread: sum_p x_p @ wt_p, ~16 GB/s on
+    two threads of an AVX2 EPYC. Same product; the float sum is grouped differently (ulp-level).
+    """
+    p = torch.get_num_threads()
+    n = wt.shape[0]
+    if p < 2 or n % p or n < 64 * p:
+        return x @ wt
+    y = torch.bmm(x.view(p, 1, n // p), wt.view(p, n // p, wt.shape[1]))  # (p, 1, m) partial products
+    return y[0] + y[1] if p == 2 else y.sum(0)  # one add is ~3x cheaper than a reduction here
 
 
 def linear_bytes(model: nn.Module) -> int:
