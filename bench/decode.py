@@ -4,7 +4,7 @@ The model: the `medium` preset (6 layers, 384 wide, 6 heads, SwiGLU 1024, vocab 
 init, context 1024, exported to `transformers.LlamaForCausalLM` with lmforge.model.hf.to_hf.
 Both run greedy, fp32, on CPU, in this process, with the same thread count, alternating.
 
-Measured, each the median of --repeats runs:
+Measured, each the fastest of --repeats runs (the least disturbed by other load):
 - decode tokens/s at batch 1 and batch 8: (new tokens - 1) * batch / (time(N tokens) - time(1 token))
 - time to first token (prefill of a --prompt-len prompt + one token)
 - prefix caching: time to first token for a 512-token shared prefix + 16-token suffix, lmforge
@@ -39,7 +39,7 @@ def timed(fn, repeats: int) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return min(times)  # the least-disturbed run (timeit's advice); both libraries alike
 
 
 def main() -> None:
