@@ -3,7 +3,8 @@ side by side in one process, on CPU.
 
 Both models: 6 layers, 6 heads, width 384, FFN 1024, context 256, batch 8, vocabulary 8192,
 untied head, SDPA attention, fused AdamW, a full training step (forward + loss, backward,
-optimizer step) on the same token batches. Steps of the two models are interleaved (A B A B ...)
+optimizer step) on the same token batches; each model's loss as its library trains with it
+(lmforge: the head and cross-entropy fused, `return_logits=False`; HF: `labels=`). Steps of the two models are interleaved (A B A B ...)
 so that load from other jobs on a shared machine hits both alike; the figure per model is the
 median step time.
 
@@ -60,7 +61,7 @@ def make_step(model, kind: str, precision: str):
     def step(batch: torch.Tensor) -> float:
         with autocast:
             if kind == "lmforge":
-                _, loss = model(batch[:, :-1], batch[:, 1:])
+                _, loss = model(batch[:, :-1], batch[:, 1:], return_logits=False)  # as lmforge's training objectives call it
             else:
                 loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # HF shifts labels itself
         loss.backward()

@@ -335,6 +335,38 @@ def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, thread
     torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=4, tie_embeddings=True)])
+def test_lean_step_for_rows_at_their_own_positions_equals_the_model_forward(tok, overrides):
+    """DecodeStep.step_rows (continuous batching: activations kept transposed, the model's own
+    weights) computes Transformer.forward's logits and cache for rows at different positions."""
+    from lmforge.infer.decode_step import DecodeStep
+    from lmforge.model import KVCache
+
+    cfg = ModelConfig.from_preset("tiny", **{**dict(vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                                                    block_size=64), **overrides})
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith("norm.weight"):
+                w.uniform_(0.5, 1.5)
+    step = DecodeStep(model)
+    ref, fast = KVCache(cfg, 3, 32), KVCache(cfg, 3, 32)
+    with torch.inference_mode():
+        for b, n in enumerate([5, 11, 8]):  # rows prefilled to different lengths
+            ids = torch.randint(0, cfg.vocab_size, (1, n))
+            model(ids, kv_cache=ref.rows(b, b + 1))
+            model(ids, kv_cache=fast.rows(b, b + 1))
+        for _ in range(4):
+            x = torch.randint(0, cfg.vocab_size, (3, 1))
+            expected, _ = model(x, kv_cache=ref)
+            got = step.step_rows(x, fast)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert fast.pos.tolist() == ref.pos.tolist() == [9, 15, 12]
+    torch.testing.assert_close(fast.k[:, :, :, :15], ref.k[:, :, :, :15], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.v[:, :, :, :15], ref.v[:, :, :, :15], rtol=1e-5, atol=1e-6)
+
+
 def test_engine_uses_the_lean_step_only_where_it_applies(tok):
     from lmforge.infer.decode_step import supports
 

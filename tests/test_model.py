@@ -37,6 +37,46 @@ def test_loss_is_cross_entropy_ignoring_minus_100():
     assert model(idx)[1] is None
 
 
+@pytest.mark.parametrize("variant", ["gqa-rope", "mha-rope-tied"])
+def test_fused_head_and_loss_equal_the_plain_loss_and_gradients(variant, monkeypatch):
+    """return_logits=False (lmforge.model.loss, gradients computed in chunks during the forward)
+    gives the plain cross-entropy's loss and every parameter's gradient, with ignored targets,
+    a tied head, and several chunks."""
+    import lmforge.model.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 4 * V * 16)  # 16 rows per chunk: 4 chunks of 60 tokens (last one partial)
+    plain, fused = make(**VARIANTS[variant]).train(), make(**VARIANTS[variant]).train()
+    idx = torch.randint(0, V, (3, 20))
+    targets = torch.randint(0, V, (3, 20))
+    targets[0, :5] = -100
+    targets[2, 17:] = -100
+    _, ref = plain(idx, targets)
+    ref.mul(2.5).backward()  # a non-unit incoming gradient reaches the stored ones scaled
+    logits, got = fused(idx, targets, return_logits=False)
+    got.mul(2.5).backward()
+    assert logits is None
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_loss_alone_matches_cross_entropy_in_bf16_autocast():
+    from lmforge.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 32, requires_grad=True), torch.randn(V, 32, requires_grad=True)
+    y = torch.randint(0, V, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), y)
+        got = linear_cross_entropy(h, w, y)
+    gh, gw = torch.autograd.grad(ref, (h, w))
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    assert F.cosine_similarity(h.grad.flatten(), gh.flatten(), dim=0) > 0.99
+    assert F.cosine_similarity(w.grad.flatten(), gw.flatten(), dim=0) > 0.99
+    assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     model = make()
     idx = torch.randint(0, V, (2, 16))

@@ -17,9 +17,16 @@ attention, residual adds), each a few microseconds. `DecodeStep` cuts both:
 
 The copies hold as much memory as the model's Linear weights, so the engine builds a
 `DecodeStep` only on CPU and below a size limit; they are rebuilt when a weight changes (an
-optimizer step between generations). Models the step does not cover (LayerNorm/GPT-2, learned
-positions, QK-norm, biases, MoE layers, quantized layers) and calls it does not cover (rows at
-different positions, more than one token) go through `Transformer.forward` as before.
+optimizer step between generations).
+
+`step_rows` is the same for a batch of rows at their own positions (continuous batching: each
+row at cache.pos[b]). For 2-32 rows the fast CPU product is W @ X^T with W as stored (out, in)
+(MKL runs it as a GEMM over W's rows; x @ W^T runs at half the speed), so it keeps the
+activations transposed, X^T (C, B), from the embedding to the head: every Linear is one
+`torch.mm(W, X^T)` on the model's own weights (no copies), the norms reduce over dim 0, and only
+attention sees (B, H, 1, D) views. Models the step does not cover (LayerNorm/GPT-2, learned
+positions, QK-norm, biases, MoE layers, quantized layers) and calls of more than one token go
+through `Transformer.forward` as before.
 """
 
 from __future__ import annotations
@@ -111,3 +118,41 @@ class DecodeStep:
             x = x + mm(F.silu(gu[:, :Fh]).mul_(gu[:, Fh:]), down_t)
         cache.pos.fill_(pos + 1)
         return mm(normalized(x), self._head_t)[:, None]  # (B, 1, V)
+
+    @torch.inference_mode()
+    def step_rows(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row, row b at cache slot cache.pos[b]; advances cache.pos.
+        idx (B, 1) -> logits (B, 1, V). Activations stay transposed, (features, B)."""
+        c = self.config
+        B = idx.shape[0]
+        H, K, D = c.n_head, c.n_kv_head, c.head_dim
+        pos = cache.pos  # (B,)
+        n_keys = int(pos.max()) + 1
+        if n_keys > cache.max_len or n_keys > c.block_size or int(pos.min()) < 0:
+            raise ValueError(f"KV cache positions {pos.tolist()} out of range for max_len={cache.max_len}")
+        model = self.model
+        eps = c.norm_eps
+        xt = model.embed_tokens.weight[idx[:, 0]].t()  # (C, B)
+        cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (B, 1, D)
+        rows = torch.arange(B, device=idx.device)
+        mask = (torch.arange(n_keys, device=idx.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, L)
+
+        def normalized(xt, norm):  # RMSNorm over the features (dim 0)
+            return xt * (xt * xt).mean(0, keepdim=True).add_(eps).rsqrt_() * norm.weight[:, None]
+
+        for i, block in enumerate(model.layers):
+            a, m = block.self_attn, block.mlp
+            h = normalized(xt, block.input_layernorm)
+            q, k, v = (torch.mm(lin.weight, h).t() for lin in (a.q_proj, a.k_proj, a.v_proj))  # (B, out) views
+            qk = apply_rope(torch.cat([q, k], 1).view(B, H + K, D), cos, sin)  # (B, H+K, D)
+            ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
+            ck[rows, :, pos] = qk[:, H:]
+            cv[rows, :, pos] = v.reshape(B, K, D)
+            y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, :n_keys], cv[:, :, :n_keys], attn_mask=mask,
+                                               enable_gqa=H != K)  # (B, H, 1, D)
+            xt = xt + torch.mm(a.o_proj.weight, y.view(B, H * D).t())
+            h = normalized(xt, block.post_attention_layernorm)
+            act = F.silu(torch.mm(m.gate_proj.weight, h)).mul_(torch.mm(m.up_proj.weight, h))  # (F, B)
+            xt = xt + torch.mm(m.down_proj.weight, act)
+        cache.pos.add_(1)
+        return torch.mm(model.lm_head.weight, normalized(xt, model.norm)).t()[:, None]  # (B, 1, V)

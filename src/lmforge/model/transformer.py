@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.loss import linear_cross_entropy
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,11 +489,14 @@ class Transformer(nn.Module):
 
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
         targets (B, T) long with -100 ignored: loss = mean cross-entropy (+ MoE auxiliary losses
-        while training). kv_cache: see KVCache. positions (B, T): RoPE angles / learned position
+        while training). return_logits=False (with targets; what training objectives use): the
+        head and the loss run fused in chunks (loss.py), logits are not kept and None is
+        returned in their place. kv_cache: see KVCache. positions (B, T): RoPE angles / learned position
         rows (without a cache they change nothing else: attention stays causal over this call).
         logits_to_keep=n > 0: logits of the last n positions only, (B, n, V) (a prefill needs
         just the last; skips the head's matmul for the rest). Not allowed with targets.
@@ -528,14 +532,18 @@ class Transformer(nn.Module):
                 raise ValueError("logits_to_keep cannot be combined with targets (the loss needs every position)")
             x = x[:, -logits_to_keep:]  # (B, n, C)
         x = self.norm(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        fused = targets is not None and not return_logits and type(self.lm_head) in (Linear, nn.Linear) and self.lm_head.bias is None
+        logits = None if fused else self.lm_head(x)  # (B, T, V)
 
         if kv_cache is not None:
             kv_cache.pos.copy_(positions[:, -1] + 1)
 
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            if fused:
+                loss = linear_cross_entropy(x, self.lm_head.weight, targets)
+            else:
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
             if self.training and self.config.n_expert:
                 for block in self.layers:
                     if block.is_moe:

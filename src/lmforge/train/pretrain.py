@@ -34,7 +34,7 @@ def pretrain_objective(model, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(B, T+1) windows -> mean next-token cross-entropy over the B*T targets."""
     batch = batch.to(next(model.parameters()).device, non_blocking=True)
     x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs, (B, T) targets shifted by one
-    _, loss = model(x, y)
+    _, loss = model(x, y, return_logits=False)  # the head and the loss fused (lmforge.model.loss)
     return loss, {"n_tokens": x.numel()}
 
 
