@@ -335,6 +335,26 @@ def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, thread
     torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
 
 
+def test_lean_step_follows_parameters_replaced_by_load_state_dict(tok):
+    """load_state_dict(assign=True) puts new Parameter objects in the same modules: the step's
+    copies must be rebuilt from them (same module, new tensor -> new data pointer)."""
+    from lmforge.infer.decode_step import DecodeStep
+    from lmforge.model import KVCache
+
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4, block_size=64)
+    torch.manual_seed(0)
+    model, other = Transformer(cfg).eval(), Transformer(cfg).eval()
+    step = DecodeStep(model)
+    x = torch.randint(0, cfg.vocab_size, (1, 1))
+    with torch.inference_mode():
+        step.step(x, KVCache(cfg, 1, 8), 0)  # builds the copies from the first weights
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    with torch.inference_mode():
+        expected, _ = model(x, kv_cache=KVCache(cfg, 1, 8))
+        got = step.step(x, KVCache(cfg, 1, 8), 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(n_kv_head=4, tie_embeddings=True)])
 def test_lean_step_for_rows_at_their_own_positions_equals_the_model_forward(tok, overrides):
     """DecodeStep.step_rows (continuous batching: activations kept transposed, the model's own
