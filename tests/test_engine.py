@@ -335,6 +335,20 @@ def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, thread
     torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
 
 
+def test_engine_decodes_a_bf16_model_through_the_lean_steps(tok):
+    """A model loaded in bf16 on CPU goes through the lean steps too (batch 1 and batch 2): the
+    same greedy tokens as the bf16 model's own forward without a cache."""
+    model = tiny_model(tok).to(torch.bfloat16)
+    engine = Engine(model, tok)
+    assert engine.decode_step is not None
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    ids = tok.encode("First Citizen: hear me")
+    assert engine.generate(ids, params).token_ids == reference(model, ids, params, 8)
+    outs = engine.generate([ids, ids[:5]], params)
+    assert outs[0].token_ids == reference(model, ids, params, 8)
+    assert outs[1].token_ids == reference(model, ids[:5], params, 8)
+
+
 def test_lean_step_follows_parameters_replaced_by_load_state_dict(tok):
     """load_state_dict(assign=True) puts new Parameter objects in the same modules: the step's
     copies must be rebuilt from them (same module, new tensor -> new data pointer)."""

@@ -85,7 +85,8 @@ class DecodeStep:
                 gu_t = folded([m.gate_proj.weight, m.up_proj.weight], block.post_attention_layernorm)  # (C, 2F)
                 blocks.append((qkv_t, a.o_proj.weight.t().contiguous(), gu_t, m.down_proj.weight.t().contiguous()))
             self._head_t = folded([self.model.lm_head.weight], self.model.norm)  # (C, V)
-            self._eps = torch.full((1, 1), self.config.norm_eps)
+            w = self.model.embed_tokens.weight
+            self._eps = torch.full((1, 1), self.config.norm_eps, dtype=w.dtype, device=w.device)
         self._blocks = blocks
         self._stamp = stamp
 

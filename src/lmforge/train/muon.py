@@ -56,7 +56,8 @@ class Muon(torch.optim.Optimizer):
         alike, gate/up F x C, down C x F, which is F x C transposed). Stacking the matrices of a
         shape, oriented short side first, runs the iterations as a few batched GEMMs instead of
         15 small ones per matrix: the same maths (each matrix is still orthogonalised on its
-        own), ~3x faster for the optimizer step of a small model on CPU."""
+        own); for a 4 x 192 model on 2 CPU cores the step went from 128 to 108 ms (what is left
+        is the iterations' FLOPs themselves)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
