@@ -4,11 +4,12 @@ The model: the `medium` preset (6 layers, 384 wide, 6 heads, SwiGLU 1024, vocab 
 init, context 1024, exported to `transformers.LlamaForCausalLM` with lmforge.model.hf.to_hf.
 Both run greedy, fp32, on CPU, in this process, with the same thread count, alternating.
 
-Measured, each the fastest of --repeats runs (the least disturbed by other load):
-- decode tokens/s at batch 1 and batch 8: (new tokens - 1) * batch / (time(N tokens) - time(1 token))
-- time to first token (prefill of a --prompt-len prompt + one token)
+Measured over --repeats runs:
+- decode tokens/s at batch 1 and batch 8: (new tokens - 1) * batch / (time(N tokens) - time(1 token)),
+  each time the fastest of the runs (the least disturbed by other load)
+- time to first token (prefill of a --prompt-len prompt + one token), fastest of the runs
 - prefix caching: time to first token for a 512-token shared prefix + 16-token suffix, lmforge
-  with its prefix cache (prefix seen before) vs without
+  with its prefix cache (prefix seen before) vs without, medians of the runs
 - greedy agreement: the fraction of generated tokens equal between the two libraries
 
 Prints one JSON line.  python bench/decode.py [--threads 2] [--new-tokens 64] [--repeats 5]

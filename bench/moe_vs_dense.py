@@ -29,12 +29,13 @@ from pathlib import Path
 
 from lmforge.io import atomic_path
 from lmforge.train.loop import TrainConfig
+from lmforge.train.plot import read_metrics
 from lmforge.train.pretrain import DataConfig, RunConfig, prepare_world_data, pretrain
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def split_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training records, validation records) of a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
@@ -154,7 +155,7 @@ def main():
         run_dir = out / name
         if not (args.reuse and (run_dir / "summary.json").is_file()):
             pretrain(run, run_dir, progress=False)
-        train_records, val_records = read_metrics(run_dir)
+        train_records, val_records = split_metrics(run_dir)
         steps, worst = imbalance_curve(train_records)
         after = [v for s, v in zip(steps, worst) if s > balance_from]
         wstarts, wsteps, wworst = windowed_imbalance_curve(train_records, args.balance_window)

@@ -300,9 +300,9 @@ def test_moe_and_gpt2_style_models_generate_like_full_recompute(tok):
 @pytest.mark.parametrize("overrides,batch,threads", [(dict(), 2, 2), (dict(), 1, 2), (dict(), 1, 1),
                                                      (dict(n_kv_head=4, tie_embeddings=True), 2, 2)])
 def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, threads):
-    """DecodeStep (fused transposed weights with the norms folded in, matmuls split across
-    threads at batch 1) computes Transformer.forward's logits and cache for one token per row at
-    a shared position, and follows weight updates."""
+    """DecodeStep.step (one row: fused transposed weights with the norms folded in, matmuls split
+    across threads) and step_rows (several rows) compute Transformer.forward's logits and cache,
+    and follow weight updates."""
     from lmforge.infer.decode_step import DecodeStep
     from lmforge.model import KVCache
 
@@ -328,11 +328,14 @@ def test_lean_decode_step_equals_the_model_forward(tok, overrides, batch, thread
                     w.mul_(1.1)
             x = torch.randint(0, cfg.vocab_size, (batch, 1))
             expected, _ = model(x, kv_cache=ref)
-            got = step.step(x, fast, int(fast.pos[0]))
+            got = step.step(x, fast) if batch == 1 else step.step_rows(x, fast)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.set_num_threads(old_threads)
     assert torch.equal(ref.pos, fast.pos)
     torch.testing.assert_close(fast.k[:, :, :, :13], ref.k[:, :, :, :13], rtol=1e-5, atol=1e-6)
+    if batch > 1:
+        with pytest.raises(ValueError, match="step_rows"):
+            step.step(x, fast)
 
 
 def test_engine_decodes_a_bf16_model_through_the_lean_steps(tok):
@@ -361,11 +364,11 @@ def test_lean_step_follows_parameters_replaced_by_load_state_dict(tok):
     step = DecodeStep(model)
     x = torch.randint(0, cfg.vocab_size, (1, 1))
     with torch.inference_mode():
-        step.step(x, KVCache(cfg, 1, 8), 0)  # builds the copies from the first weights
+        step.step(x, KVCache(cfg, 1, 8))  # builds the copies from the first weights
     model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
     with torch.inference_mode():
         expected, _ = model(x, kv_cache=KVCache(cfg, 1, 8))
-        got = step.step(x, KVCache(cfg, 1, 8), 0)
+        got = step.step(x, KVCache(cfg, 1, 8))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -1,5 +1,6 @@
-"""A lean one-token decode step for CPU: the same maths as `Transformer.forward` for a (B, 1)
-input whose rows all sit at the same cache position, in about a third of the operations.
+"""A lean one-token decode step for CPU: the same maths as `Transformer.forward` for a (1, 1)
+input (`step`) or a (B, 1) input whose rows sit at their own positions (`step_rows`), in about
+half of the operations.
 
 A decode step of a small model on CPU is two costs: streaming every weight from memory once
 (bandwidth) and dispatching a few hundred small tensor operations (norms, RoPE, cache writes,
@@ -39,6 +40,12 @@ from lmforge.model import KVCache
 from lmforge.model.transformer import Linear, apply_rope, one_row_matmul
 
 
+def _block_modules(block) -> tuple:
+    """A block's Linear layers, q/k/v/o then gate/up/down."""
+    a, m = block.self_attn, block.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
 def supports(model) -> bool:
     """Whether `DecodeStep` reproduces this model's forward (Llama/Mistral/Qwen-without-bias shape)."""
     c = model.config
@@ -46,14 +53,12 @@ def supports(model) -> bool:
         return False
     if c.qk_norm or c.bias or c.attn_bias or c.n_expert:
         return False
-    linears = [model.lm_head] + [m for block in model.layers for m in (
-        block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
-        block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
+    linears = [model.lm_head] + [m for block in model.layers for m in _block_modules(block)]
     return all(type(m) is Linear for m in linears)  # quantized layers take the model's own path
 
 
 class DecodeStep:
-    """`step(idx (B, 1), cache)` -> logits (B, 1, V), for caches whose rows share one position."""
+    """`step(idx (1, 1), cache)` and `step_rows(idx (B, 1), cache)` -> logits (B, 1, V)."""
 
     def __init__(self, model):
         if not supports(model):
@@ -63,9 +68,8 @@ class DecodeStep:
         self._stamp = None
         # the modules whose weights the copies are made from: checking their weights' identity and
         # version each step costs ~30 us, walking model.parameters() ~0.9 ms for a 6-layer model
-        self._sources = [model.embed_tokens, model.norm, model.lm_head] + [m for block in model.layers for m in (
-            block.input_layernorm, block.post_attention_layernorm, block.self_attn.q_proj, block.self_attn.k_proj,
-            block.self_attn.v_proj, block.self_attn.o_proj, block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)]
+        self._sources = [model.embed_tokens, model.norm, model.lm_head] + [
+            m for block in model.layers for m in (block.input_layernorm, block.post_attention_layernorm, *_block_modules(block))]
         self._blocks: list[tuple] = []
         self._head_t: torch.Tensor | None = None
 
@@ -74,16 +78,17 @@ class DecodeStep:
         stamp = tuple((w.data_ptr(), w._version) for w in (m.weight for m in self._sources))
         if stamp == self._stamp:
             return
+
         def folded(weights, norm):  # diag(norm.weight) @ cat(weights)^T, contiguous (C, out)
             return (torch.cat(weights).t() * norm.weight[:, None]).contiguous()
 
         blocks = []
         with torch.no_grad():
             for block in self.model.layers:
-                a, m = block.self_attn, block.mlp
-                qkv_t = folded([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], block.input_layernorm)  # (C, (H+2K)D)
-                gu_t = folded([m.gate_proj.weight, m.up_proj.weight], block.post_attention_layernorm)  # (C, 2F)
-                blocks.append((qkv_t, a.o_proj.weight.t().contiguous(), gu_t, m.down_proj.weight.t().contiguous()))
+                q, k, v, o, gate, up, down = _block_modules(block)
+                qkv_t = folded([q.weight, k.weight, v.weight], block.input_layernorm)  # (C, (H+2K)D)
+                gu_t = folded([gate.weight, up.weight], block.post_attention_layernorm)  # (C, 2F)
+                blocks.append((qkv_t, o.weight.t().contiguous(), gu_t, down.weight.t().contiguous()))
             self._head_t = folded([self.model.lm_head.weight], self.model.norm)  # (C, V)
             w = self.model.embed_tokens.weight
             self._eps = torch.full((1, 1), self.config.norm_eps, dtype=w.dtype, device=w.device)
@@ -91,40 +96,39 @@ class DecodeStep:
         self._stamp = stamp
 
     @torch.inference_mode()
-    def step(self, idx: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
-        """One token per row at cache slot `pos` (the same for every row); advances cache.pos."""
+    def step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One row, one token at slot cache.pos[0]; advances cache.pos. idx (1, 1) -> logits (1, 1, V)."""
+        if idx.shape != (1, 1):
+            raise ValueError(f"DecodeStep.step takes one row and one token, got idx of shape {tuple(idx.shape)} "
+                             "(several rows: step_rows)")
         self._refresh()
         c = self.config
-        B = idx.shape[0]
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
+        pos = int(cache.pos[0])
         if pos + 1 > cache.max_len or pos + 1 > c.block_size:
             raise ValueError(f"KV cache position {pos} out of range for max_len={cache.max_len}")
         model = self.model
-        x = model.embed_tokens.weight[idx[:, 0]]  # (B, C)
+        x = model.embed_tokens.weight[idx[:, 0]]  # (1, C)
         cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (D,)
         eps, inv_c = self._eps, 1.0 / x.shape[-1]
-        if B == 1:
-            mm = one_row_matmul
-            def normalized(x):  # x * rsqrt(mean(x^2) + eps), the mean square as one addmm
-                return x * torch.addmm(eps, x, x.t(), alpha=inv_c).rsqrt_()
-        else:
-            mm = torch.mm
-            def normalized(x):
-                return x * (x * x).mean(-1, keepdim=True).add_(c.norm_eps).rsqrt_()
+
+        def normalized(x):  # x * rsqrt(mean(x^2) + eps), the mean square as one addmm
+            return x * torch.addmm(eps, x, x.t(), alpha=inv_c).rsqrt_()
+
         for i, (qkv_t, o_t, gu_t, down_t) in enumerate(self._blocks):
-            qkv = mm(normalized(x), qkv_t).view(B, H + 2 * K, D)
-            qk = apply_rope(qkv[:, : H + K], cos, sin)  # (B, H+K, D): q and k rotated together
-            ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
+            qkv = one_row_matmul(normalized(x), qkv_t).view(1, H + 2 * K, D)
+            qk = apply_rope(qkv[:, : H + K], cos, sin)  # (1, H+K, D): q and k rotated together
+            ck, cv = cache.k[i], cache.v[i]  # (1, K, S, D)
             ck[:, :, pos] = qk[:, H:]
             cv[:, :, pos] = qkv[:, H + K :]
             y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, : pos + 1], cv[:, :, : pos + 1],
-                                               enable_gqa=H != K)  # (B, H, 1, D)
-            x = x + mm(y.view(B, H * D), o_t)
-            gu = mm(normalized(x), gu_t)  # (B, 2F)
+                                               enable_gqa=H != K)  # (1, H, 1, D)
+            x = x + one_row_matmul(y.view(1, H * D), o_t)
+            gu = one_row_matmul(normalized(x), gu_t)  # (1, 2F)
             Fh = gu.shape[-1] // 2
-            x = x + mm(F.silu(gu[:, :Fh]).mul_(gu[:, Fh:]), down_t)
+            x = x + one_row_matmul(F.silu(gu[:, :Fh]).mul_(gu[:, Fh:]), down_t)
         cache.pos.fill_(pos + 1)
-        return mm(normalized(x), self._head_t)[:, None]  # (B, 1, V)
+        return one_row_matmul(normalized(x), self._head_t)[:, None]  # (1, 1, V)
 
     @torch.inference_mode()
     def step_rows(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -148,18 +152,18 @@ class DecodeStep:
             return xt * (xt * xt).mean(0, keepdim=True).add_(eps).rsqrt_() * norm.weight[:, None]
 
         for i, block in enumerate(model.layers):
-            a, m = block.self_attn, block.mlp
+            q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = _block_modules(block)
             h = normalized(xt, block.input_layernorm)
-            q, k, v = (torch.mm(lin.weight, h).t() for lin in (a.q_proj, a.k_proj, a.v_proj))  # (B, out) views
+            q, k, v = (torch.mm(lin.weight, h).t() for lin in (q_proj, k_proj, v_proj))  # (B, out) views
             qk = apply_rope(torch.cat([q, k], 1).view(B, H + K, D), cos, sin)  # (B, H+K, D)
             ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
             ck[rows, :, pos] = qk[:, H:]
             cv[rows, :, pos] = v.reshape(B, K, D)
             y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, :n_keys], cv[:, :, :n_keys], attn_mask=mask,
                                                enable_gqa=H != K)  # (B, H, 1, D)
-            xt = xt + torch.mm(a.o_proj.weight, y.view(B, H * D).t())
+            xt = xt + torch.mm(o_proj.weight, y.view(B, H * D).t())
             h = normalized(xt, block.post_attention_layernorm)
-            act = F.silu(torch.mm(m.gate_proj.weight, h)).mul_(torch.mm(m.up_proj.weight, h))  # (F, B)
-            xt = xt + torch.mm(m.down_proj.weight, act)
+            act = F.silu(torch.mm(gate_proj.weight, h)).mul_(torch.mm(up_proj.weight, h))  # (F, B)
+            xt = xt + torch.mm(down_proj.weight, act)
         cache.pos.add_(1)
         return torch.mm(model.lm_head.weight, normalized(xt, model.norm)).t()[:, None]  # (B, 1, V)

@@ -12,9 +12,9 @@ How a step works (`Scheduler.step`), the continuous-batching loop the server als
    prompt in one forward call, copy the row to the request's other n-1 samples (one prefill for
    n samples) and sample each sample's first token;
 2. one decode forward for every running row, each at its own position (the model's KV cache
-   takes per-row positions; on CPU the rows go through the lean `DecodeStep`,
-   decode_step.py, where the model's shape allows), then sample each row's next token with its own parameters and generator
-   (sampling.py);
+   takes per-row positions; on CPU through the lean `DecodeStep`, decode_step.py, where the
+   model's shape allows), then sample each row's next token with its own parameters and
+   generator (sampling.py);
 3. turn tokens into text deltas (the tokenizer's stream decoder never splits a character; text
    that may be the start of a stop string is held back), and retire finished rows: the last row
    moves into the freed slot, so running rows always fill cache rows 0..B-1.
@@ -274,7 +274,7 @@ class Scheduler:
         (one token per row: through the lean decode step when the engine has one)."""
         if self.decode_step is not None and idx.shape[1] == 1:
             if idx.shape[0] == 1:
-                return self.decode_step.step(idx, cache, int(cache.pos[0]))[:, -1]
+                return self.decode_step.step(idx, cache)[:, -1]
             return self.decode_step.step_rows(idx, cache)[:, -1]
         return forward_last(self.model, idx, cache)[:, -1]
 

@@ -62,8 +62,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + chunk] = dlogits @ wd
                 if need_w:
-                    grad_w.addmm_(dlogits.t().float() if dtype != torch.float32 else dlogits.t(), hc.float())
-            ctx.save_for_backward(grad_h if need_h else None, grad_w.to(weight.dtype) if need_w else None)
+                    grad_w.addmm_(probs.t(), hc.float())  # in fp32 (probs is fp32; .float() is a no-op in fp32)
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total / count
 
     @staticmethod
