@@ -345,7 +345,8 @@ def test_bf16_checkpoint_loaded_as_fp32_keeps_exact_rope_tables(tmp_path):
 def test_linear_few_row_paths_equal_f_linear(rows, bias):
     """The decode paths of lmforge's Linear (W @ x^T for 2-32 rows, a transposed copy for one
     row) compute F.linear; the copy follows in-place weight updates (an optimizer step)."""
-    from lmforge.model.transformer import Linear, keep_transposed_weights
+    from lmforge.infer.cpu_matmul import keep_transposed_weights
+    from lmforge.model.transformer import Linear
 
     torch.manual_seed(0)
     lin = Linear(48, 80, bias=bias)
@@ -364,4 +365,4 @@ def test_linear_few_row_paths_equal_f_linear(rows, bias):
     y.sum().backward()
     torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(rows, 1, 48))
     # switched off, the copy is dropped
-    assert not keep_transposed_weights(lin, on=False) and lin._wt is None
+    assert not keep_transposed_weights(lin, on=False) and lin.decode_matmul.weight_t is None

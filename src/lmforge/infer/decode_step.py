@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import KVCache
-from lmforge.model.transformer import Linear, apply_rope, one_row_matmul
+from lmforge.infer.cpu_matmul import one_row_matmul
+from lmforge.model.transformer import Linear, apply_rope
 
 
 def _block_modules(block) -> tuple:

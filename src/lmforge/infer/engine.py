@@ -36,12 +36,12 @@ from typing import Iterator
 
 import torch
 
+from lmforge.infer.cpu_matmul import keep_transposed_weights, linear_bytes, weights_stamp
 from lmforge.infer.decode_step import DecodeStep
 from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens, make_generator
 from lmforge.model import KVCache
-from lmforge.model.transformer import keep_transposed_weights, linear_bytes, weights_stamp
 
 TRANSPOSED_MAX_BYTES = 2**30  # CPU decoding keeps transposed weight copies for models up to this size
 
@@ -393,12 +393,12 @@ class Engine:
         self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
         # CPU decoding at batch 1 reads each weight through a transposed copy (~1.5x faster), for
         # models up to 1 GiB of Linear weights: in the lean DecodeStep where the model's shape is
-        # covered (decode_step.py), else in the model's own Linear layers (transformer.Linear)
+        # covered (decode_step.py), else in the model's own Linear layers (cpu_matmul.py, which
+        # also gives every Linear its few-row paths for prefills and several rows)
         on_cpu = next(model.parameters()).device.type == "cpu"
         lean = on_cpu and decode_step_supports(model) and linear_bytes(model) <= TRANSPOSED_MAX_BYTES
         self.decode_step = DecodeStep(model) if lean else None
-        if not lean:
-            keep_transposed_weights(model, max_bytes=TRANSPOSED_MAX_BYTES)
+        keep_transposed_weights(model, on=not lean, max_bytes=TRANSPOSED_MAX_BYTES)
         if draft_model is not None:
             keep_transposed_weights(draft_model, max_bytes=TRANSPOSED_MAX_BYTES)
         self._cache: KVCache | None = None

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from lmforge.io import atomic_write_json, read_json
+
 
 def _round_up(x: int, multiple: int) -> int:
     return ((x + multiple - 1) // multiple) * multiple
@@ -108,8 +110,6 @@ class ModelConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        from lmforge.io import atomic_write_json
-
         atomic_write_json(path, self.to_dict())
 
     @classmethod
@@ -117,8 +117,6 @@ class ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        from lmforge.io import read_json
-
         return cls.from_dict(read_json(path))
 
     @classmethod

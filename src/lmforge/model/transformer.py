@@ -22,91 +22,24 @@ import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.loss import linear_cross_entropy
+from lmforge.model.moe import MoEFeedForward
 
 
 # --------------------------------------------------------------------------------------------
-# Linear layers with fast few-row matmuls on CPU (decoding)
+# Linear layer with a hook for inference
 # --------------------------------------------------------------------------------------------
-SMALL_M = 32  # at most this many rows take the few-row paths below
-
-
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state_dict, same results up to float rounding) with
-    two CPU paths for the few-row matmuls of decoding, where a step reads every weight once for
-    1-32 rows and the speed is the speed at which the weights stream from memory.
+    """`nn.Linear` (same parameters, same state_dict) with one hook for inference: when
+    `decode_matmul` is set (`lmforge.infer.cpu_matmul` sets it for CPU decoding, where the
+    few-row products of a decode step want other kernels than F.linear's), products computed
+    without gradients go through it. The model never sets it; training always takes F.linear."""
 
-    PyTorch's CPU `F.linear(x, W)` with W stored (out, in) runs these shapes at 5-6 GB/s on an
-    AVX2 EPYC (MKL's gemv/small-GEMM kernels), under half of the ~16-17 GB/s the memory gives:
-      - 2..SMALL_M rows: `(W @ x^T)^T` is the same product as a GEMM over W's rows, which MKL
-        runs at 5-12 GB/s here (~2x);
-      - 1 row: `x @ W^T` with W^T stored contiguous (in, out) streams at ~10 GB/s on one thread
-        (~1.5x), and `one_row_matmul` splits it across threads (~16 GB/s on two, ~2.3x); that
-        needs a transposed copy of the weight. It is kept only when `keep_transposed` is
-        set (the inference engine sets it on CPU for models its lean DecodeStep does not cover;
-        it doubles the Linear weights' memory), and refreshed whenever the weight changes.
-    Training (gradients on) and large batches take plain `F.linear`.
-    """
-
-    keep_transposed = False
-    _wt: torch.Tensor | None = None
-    _wt_stamp: tuple | None = None
+    decode_matmul = None  # (layer, x) -> layer(x), e.g. lmforge.infer.cpu_matmul.DecodeMatmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.device.type != "cpu" or torch.is_grad_enabled() or x.dtype != w.dtype:
-            return F.linear(x, w, self.bias)
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if rows == 1 and self.keep_transposed:
-            stamp = (w.data_ptr(), w._version, w.dtype)
-            if stamp != self._wt_stamp:
-                self._wt, self._wt_stamp = w.detach().t().contiguous(), stamp  # (in, out)
-            y = one_row_matmul(x.reshape(1, x.shape[-1]), self._wt).view(*x.shape[:-1], w.shape[0])
-            return y if self.bias is None else y + self.bias
-        if 1 <= rows <= SMALL_M:
-            x2 = x.reshape(rows, x.shape[-1])
-            y = torch.mm(w, x2.t()) if self.bias is None else torch.addmm(self.bias[:, None], w, x2.t())  # (out, rows)
-            return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, w, self.bias)
-
-
-def one_row_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """x (1, n) @ wt (n, m), wt contiguous, for CPU decoding at batch 1.
-
-    MKL runs a one-row product on one thread whatever the thread count (~10 GB/s of weights
-    here). Cutting the contraction into P = thread-count slices makes it a batched GEMM over P
-    contiguous (n/P, m) blocks, which runs one block per thread: sum_p x_p @ wt_p, ~16 GB/s on
-    two threads of an AVX2 EPYC. Same product; the float sum is grouped differently (ulp-level).
-    """
-    p = torch.get_num_threads()
-    n = wt.shape[0]
-    if p < 2 or n % p or n < 64 * p:
-        return x @ wt
-    y = torch.bmm(x.view(p, 1, n // p), wt.view(p, n // p, wt.shape[1]))  # (p, 1, m) partial products
-    return y[0] + y[1] if p == 2 else y.sum(0)  # one add is ~3x cheaper than a reduction here
-
-
-def linear_bytes(model: nn.Module) -> int:
-    """Bytes of the model's `Linear` weights: what transposed copies of all of them take."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
-
-
-def weights_stamp(model: nn.Module) -> tuple:
-    """A value that changes whenever a parameter is replaced or updated in place (an optimizer
-    step): caches derived from the weights compare it to know they are stale."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
-def keep_transposed_weights(model: nn.Module, on: bool = True, max_bytes: int = 2**30) -> bool:
-    """Let the model's `Linear` layers keep transposed weight copies for one-row matmuls (CPU
-    decoding at batch 1, ~1.5x faster), when the weights are on CPU and take at most `max_bytes`
-    (the copies take as much again). Returns whether it was switched on."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    on = on and linear_bytes(model) <= max_bytes and all(m.weight.device.type == "cpu" for m in layers)
-    for m in layers:
-        m.keep_transposed = on
-        if not on:
-            m._wt = m._wt_stamp = None
-    return on
+        if self.decode_matmul is not None and not torch.is_grad_enabled():
+            return self.decode_matmul(self, x)
+        return F.linear(x, self.weight, self.bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,8 +332,6 @@ class Block(nn.Module):
         self.self_attn = CausalSelfAttention(config, layer_idx)
         self.post_attention_layernorm = make_norm(config)
         if config.is_moe_layer(layer_idx):
-            from lmforge.model.moe import MoEFeedForward  # imported only for MoE models
-
             self.mlp = MoEFeedForward(config)
         else:
             self.mlp = MLP(config)
