@@ -28,9 +28,10 @@ import statistics
 from pathlib import Path
 
 from lmforge.io import atomic_path
+from lmforge.pipeline import prepare_world_data
 from lmforge.train.loop import TrainConfig
 from lmforge.train.plot import read_metrics
-from lmforge.train.pretrain import DataConfig, RunConfig, prepare_world_data, pretrain
+from lmforge.train.pretrain import DataConfig, RunConfig, pretrain
 
 
 def split_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

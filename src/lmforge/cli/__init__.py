@@ -32,7 +32,11 @@ class UserError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each flag's default once: argparse's own, or the config field's (lmforge.cli.config_flags)."""
+
+    def _get_help_string(self, action):
+        # a required flag has no default to show
+        return action.help or "" if action.required else super()._get_help_string(action)
 
 
 def add_command(subparsers, name: str, help: str, func=None, description: str | None = None):

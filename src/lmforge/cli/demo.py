@@ -1,5 +1,6 @@
-"""`lmforge demo` (world -> tokenizer -> pretrain -> evaluate, in about ten minutes of CPU) and
-`lmforge eval` (a run directory on the world's evaluation sets)."""
+"""`lmforge demo` (world -> tokenizer -> pretrain -> evaluate, in about ten minutes of CPU; its
+flags are the fields of lmforge.pipeline.DemoConfig) and `lmforge eval` (a run directory on the
+world's evaluation sets)."""
 
 from __future__ import annotations
 
@@ -7,49 +8,37 @@ import json
 import sys
 import time
 
+import torch
+
 from lmforge.cli import add_command
+from lmforge.cli.config_flags import add_config_flags, given
+from lmforge.eval.tasks import TaskResult, evaluate_run, score_table
+from lmforge.pipeline import SAMPLE_PROMPTS, DemoConfig, demo
 
 
 def _tasks_arg(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
-DEMO_TASKS = "addition_2digit,translation_4shot,arithmetic,fewshot,closed_book,open_book"
-
-
 def register(subparsers):
     p = add_command(subparsers, "demo", "generate the world, train a tokenizer, pretrain `small` for a few minutes, evaluate, print samples",
                     func=cmd_demo)
     p.add_argument("--out", default="runs/demo", help="run directory (reused data: world, tokenizer and shards are kept)")
-    p.add_argument("--minutes", type=float, default=8.0, help="pretraining time budget in minutes")
-    p.add_argument("--size", default="10MB", help="bytes of world text to generate")
-    p.add_argument("--seed", type=int, default=0, help="world and training seed")
-    p.add_argument("--preset", default="small", help="model preset")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (embeddings, head, norms with Muon)")
-    p.add_argument("--optimizer", default="muon", choices=["muon", "adamw"], help="muon: Muon on the hidden matrices + AdamW on the rest")
-    p.add_argument("--muon-lr", type=float, default=0.02, help="Muon learning rate")
-    p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set")
-    p.add_argument("--tasks", default=DEMO_TASKS, help="comma-separated evaluation sets (chat and tool sets need later stages)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
+    add_config_flags(p, DemoConfig, rename={"warmup_steps": "warmup"})
 
     p = add_command(subparsers, "eval", "score a run on the built-in world's held-out evaluation sets (greedy, exact and normalised match)",
                     func=cmd_eval)
     p.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
-    p.add_argument("--world", default=None, help="a world directory whose eval/ sets to use (default: World(--seed).tasks())")
+    p.add_argument("--world", default=None, help="a world directory whose eval/ sets to use (None: World(--seed).tasks())")
     p.add_argument("--seed", type=int, default=0, help="world seed when --world is not given")
-    p.add_argument("--tasks", default=None, help="comma-separated sets (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated sets (None: all)")
     p.add_argument("--max-items", type=int, default=200, help="items per set")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def print_report(report: dict, file=None) -> None:
-    from lmforge.eval.tasks import TaskResult, score_table
-
     file = file or sys.stdout  # looked up per call: a default bound at import goes stale under capture
 
     results = {k: TaskResult(**v) for k, v in report["eval"].items()}
@@ -60,21 +49,15 @@ def print_report(report: dict, file=None) -> None:
 
 
 def cmd_demo(args) -> int:
-    from lmforge.eval.demo import demo
-
+    config = DemoConfig(**given(args, DemoConfig))
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     t0 = time.time()
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    report = demo(args.out, minutes=args.minutes, size=args.size, seed=args.seed, preset=args.preset,
-                  vocab_size=args.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                  optimizer=args.optimizer, muon_lr=args.muon_lr,
-                  eval_items=args.eval_items, tasks=_tasks_arg(args.tasks), progress=not args.no_progress, log=log)
+    report = demo(args.out, config, log=log)
     tr = report["train"]
     print(f"\ntrained {tr['step']} steps, {tr['tokens']:,} tokens, final loss {tr['loss']:.3f}" if tr.get("loss") is not None else "")
     print_report(report)
@@ -86,10 +69,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lmforge.eval.demo import evaluate_run
-
     report = evaluate_run(args.run, args.world, seed=args.seed, tasks=_tasks_arg(args.tasks), max_items=args.max_items,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, sample_prompts=SAMPLE_PROMPTS)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, indent=2))
     else:

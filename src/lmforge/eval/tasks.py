@@ -4,6 +4,7 @@ is scored by its `EvalItem` (exact match and normalised match).
     from lmforge.eval.tasks import evaluate_tasks, load_tasks
     tasks = load_tasks("runs/demo/data/world")           # or World(seed).tasks()
     report = evaluate_tasks(model, tokenizer, tasks)     # {"addition_2digit": TaskResult, ...}
+    evaluate_run("runs/demo", "runs/demo/data/world")   # the same from a run directory, as JSON-ready dicts
 
 Completion items are plain text prompts; generation stops at the item's stop strings (a newline
 for one-line answers). Chat items (system-prompt compliance) are rendered with the chat template
@@ -18,7 +19,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.data.world import EvalItem
+from tqdm import tqdm
+
+from lmforge.data.chat import render_chat
+from lmforge.data.world import EvalItem, World
+from lmforge.infer import load_run
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
 
 SKIPPED_TASKS = {"tool_use": "needs the tool-call loop (lmforge.prompting tools)"}
 
@@ -60,8 +67,6 @@ def load_tasks(world_dir, names: list[str] | None = None) -> dict[str, list[Eval
 
 def _prompt_ids(tokenizer, item: EvalItem) -> list[int]:
     if item.kind == "chat":
-        from lmforge.data.chat import render_chat
-
         return render_chat(tokenizer, item.prompt, add_generation_prompt=True)[0]
     return tokenizer.encode(item.prompt)
 
@@ -69,11 +74,6 @@ def _prompt_ids(tokenizer, item: EvalItem) -> list[int]:
 def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items: int | None = None,
                    batch_size: int = 32, n_examples: int = 3, progress: bool = False) -> dict[str, TaskResult]:
     """Greedy answers to every item (the first `max_items` of each set), scored; one TaskResult per set."""
-    from tqdm import tqdm
-
-    from lmforge.infer.engine import Engine
-    from lmforge.infer.sampling import SamplingParams
-
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     end_id = tokenizer.special_tokens.get("<|end|>")
     results: dict[str, TaskResult] = {}
@@ -104,6 +104,31 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items
             )
     return results
 
+
+
+def evaluate_run(run_dir, world_dir=None, seed: int = 0, tasks: list[str] | None = None, max_items: int | None = 200,
+                 progress: bool = False, sample_prompts: list[str] = ()) -> dict:
+    """Evaluate a run directory on a world's eval sets (world_dir/eval, or World(seed).tasks()),
+    plus one greedy continuation (48 tokens) of each of `sample_prompts`.
+
+    Returns {"eval": {task: TaskResult dict}, "samples": [{"prompt", "completion"}]}.
+    """
+    model, tokenizer = load_run(run_dir)
+    if world_dir is not None:
+        task_sets = load_tasks(world_dir, tasks)
+    else:
+        all_sets = World(seed).tasks(max_items or 200)
+        unknown = [t for t in tasks or [] if t not in all_sets]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; choose from: {', '.join(all_sets)}")
+        task_sets = {k: v for k, v in all_sets.items() if not tasks or k in tasks}
+    results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress)
+    out = {"eval": {k: r.to_dict() for k, r in results.items()}, "samples": []}
+    if sample_prompts:
+        params = SamplingParams(max_new_tokens=48, temperature=0.0)
+        completions = Engine(model, tokenizer).generate(list(sample_prompts), params)
+        out["samples"] = [{"prompt": prompt, "completion": c.text} for prompt, c in zip(sample_prompts, completions)]
+    return out
 
 def score_table(results: dict[str, TaskResult]) -> str:
     """A plain-text table of the results, one task per line."""

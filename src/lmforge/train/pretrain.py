@@ -1,7 +1,7 @@
 """Pretraining: next-token prediction on token shards, L = -1/N sum_t log p(x_t | x_<t).
 
-The objective is a few lines; `pretrain()` wires a run together: shards (or, with no data, the
-built-in world -> a tokenizer -> shards), the model from a preset, the loader, validation
+The objective is a few lines; `pretrain()` wires a run together: shards (or, with no data, those
+`prepare_data` builds from the built-in world), the model from a preset, the loader, validation
 (loss, perplexity, bits per byte), samples, and the shared loop (loop.py).
 
 Bits per byte make runs with different tokenizers comparable: the summed negative
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmforge.data.loader import TokenLoader, eval_batches
-from lmforge.data.shards import SIDECAR, ShardDataset
+from lmforge.data.shards import ShardDataset
 from lmforge.io import atomic_write_json
 from lmforge.train.distributed import barrier, setup_distributed
 from lmforge.train.loop import TrainConfig, train
@@ -100,47 +100,6 @@ def apply_overrides(run: RunConfig, overrides: dict) -> RunConfig:
     return run
 
 
-def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, progress: bool,
-                       pattern: str = "digits", n_eval: int = 200, log=None, timings: dict | None = None) -> Path:
-    """Built-in world -> tokenizer -> shards under data_dir; returns the shards directory.
-
-    The tokenizer uses the "digits" split pattern (numbers cut into single digits), so arithmetic
-    is a per-digit rule for a small model. Each stage is skipped when its output exists (a resumed
-    run, or a second run into the same dir); `timings`, when given, receives seconds per stage.
-    """
-    try:
-        from lmforge.data import world
-    except ImportError as e:
-        raise ValueError(f"no --data given and the built-in world is unavailable ({e}); "
-                         "make shards with `lmforge data prepare` and pass --data") from None
-    from lmforge.data.shards import write_shards
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.tokenizer import train as train_tokenizer
-
-    log = log or (lambda msg: None)
-    timings = {} if timings is None else timings
-    world_dir, tok_dir, shards_dir = data_dir / "world", data_dir / "tokenizer", data_dir / "shards"
-    t = time.time()
-    if not (world_dir / "world.json").is_file():
-        log(f"[1/5] generating the world ({size}, seed {seed}) -> {world_dir}")
-        world.generate(world_dir, size=size, seed=seed, progress=progress, n_eval=n_eval)
-    else:
-        log(f"[1/5] world already in {world_dir}")
-    timings["world"] = time.time() - t
-    t = time.time()
-    if not (tok_dir / "tokenizer.json").is_file():
-        log(f"[2/5] training a {vocab_size}-token BPE tokenizer (pattern {pattern!r})")
-        tok = train_tokenizer([world_dir / "pretrain"], vocab_size=vocab_size, pattern=pattern, progress=progress)
-        tok.save(tok_dir)
-    timings["tokenizer"] = time.time() - t
-    t = time.time()
-    if not (shards_dir / SIDECAR).is_file():
-        log("[3/5] tokenizing the world into shards")
-        write_shards([world_dir / "pretrain"], Tokenizer.load(tok_dir), shards_dir, progress=progress)
-    timings["shards"] = time.time() - t
-    return shards_dir
-
-
 def make_evaluate(val: ShardDataset, batch_size: int, seq_len: int, max_windows: int | None, rank: int, world: int, device):
     """Validation over the first `max_windows` windows of the val split: loss, ppl, bits/byte."""
     token_bytes = torch.from_numpy(val.token_bytes()).to(device)
@@ -196,12 +155,14 @@ def make_sample(tokenizer, prompt: str, max_new_tokens: int, world: int):
 
 
 def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, log=None,
-             resume_overrides: dict | None = None) -> dict:
+             resume_overrides: dict | None = None, prepare_data=None) -> dict:
     """Run (or resume) a pretraining run into `out`; returns the loop's summary.
 
     Resuming reuses the run's saved train_config.json; only `resume_overrides` (e.g. a new
     max_steps or max_time) change it. `log(resolved_config)` receives the full resolved config
-    before training starts; the library prints nothing.
+    before training starts; the library prints nothing. With `run.data.path=None`, rank 0 calls
+    `prepare_data(data_dir, world_data_size, tokenizer_vocab_size, seed, progress) -> shards dir`
+    with data_dir = out/data (lmforge.pipeline.prepare_world_data; this layer cannot import it).
     """
     from lmforge.model import ModelConfig, Transformer
     from lmforge.model.params import flops_per_token
@@ -221,8 +182,11 @@ def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bo
     # ---- data ----
     data_path = run.data.path
     if data_path is None:
+        if prepare_data is None:
+            raise ValueError("no data path: set data.path to a shards directory (from `lmforge data prepare`) "
+                             "or pass prepare_data=lmforge.pipeline.prepare_world_data")
         if rank == 0:
-            prepare_world_data(out / "data", run.data.world_data_size, run.data.tokenizer_vocab_size, run.train.seed, progress)
+            prepare_data(out / "data", run.data.world_data_size, run.data.tokenizer_vocab_size, run.train.seed, progress)
         barrier()
         data_path = str(out / "data" / "shards")
     train_ds = ShardDataset(data_path, "train")
