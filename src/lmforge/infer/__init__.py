@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from lmforge.infer.quantize import QUANT_CONFIG_NAME, load_quantized
+from lmforge.model import load_pretrained
+from lmforge.tokenizer import Tokenizer
 
 
 def load_run(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None):
@@ -21,9 +23,6 @@ def load_run(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None
     Raises FileNotFoundError naming the missing file, and ValueError when the tokenizer does not
     belong to the model (more tokens than the model's vocabulary, or a vocabulary far smaller).
     """
-    from lmforge.model import load_pretrained
-    from lmforge.tokenizer import Tokenizer
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(2, "run directory not found", str(run_dir))

@@ -32,6 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.io import atomic_dir, atomic_write_json
+from lmforge.model import ModelConfig, load_pretrained
+from lmforge.model.pretrained import model_from_state_dict
 
 QUANT_CONFIG_NAME = "quantization.json"
 GROUP_SIZES = (32, 64, 128)
@@ -198,18 +200,30 @@ def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
 # run directories
 
 
+def read_quant_record(run_dir: Path) -> dict:
+    """quantization.json of a quantized run directory, its fields checked."""
+    path = run_dir / QUANT_CONFIG_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["bits"], record["modules"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid quantization record ({e})") from None
+    return record
+
+
 def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 64) -> dict:
     """Read a run directory, quantize its Linear layers and write a quantized run directory
     (atomically). Returns a report: sizes on disk and of the Linear weights in memory."""
-    from lmforge.infer import load_run
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out_dir} is the input run directory; choose a new directory")
-    model, _ = load_run(run_dir)
-    if getattr(model, "quantization", None):
-        raise ValueError(f"{run_dir} is already quantized ({model.quantization['bits']} bits)")
-    model = model.float()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(2, "run directory not found", str(run_dir))
+    if (run_dir / QUANT_CONFIG_NAME).is_file():
+        raise ValueError(f"{run_dir} is already quantized ({read_quant_record(run_dir)['bits']} bits)")
+    if not (run_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(2, "tokenizer.json missing in run directory (is it a finished run?)", str(run_dir / "tokenizer.json"))
+    model = load_pretrained(run_dir).float()
     fp32_linear = linear_weight_bytes(model)[1]
     quantize_model(model, bits, group_size)
     q_linear = linear_weight_bytes(model)[0]
@@ -235,38 +249,27 @@ def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size
 
 
 def load_quantized(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None):
-    """Build the model of a quantized run directory: QuantLinear where quantization.json says."""
-    from lmforge.model import ModelConfig, Transformer
-
+    """Build the model of a quantized run directory: QuantLinear where quantization.json says
+    (through model_from_state_dict, which checks every tensor's name and shape)."""
     run_dir = Path(run_dir)
-    try:
-        record = json.loads((run_dir / QUANT_CONFIG_NAME).read_text(encoding="utf-8"))
-        bits, group_size, modules = record["bits"], record.get("group_size") or 64, record["modules"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: not a valid quantization record ({e})") from None
+    record = read_quant_record(run_dir)
+    bits, group_size, modules = record["bits"], record.get("group_size") or 64, record["modules"]
     config = ModelConfig.load(run_dir / "config.json")
     weights = run_dir / "model.safetensors"
     try:
         tensors = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
-    with torch.device("meta"):
-        model = Transformer(config)
+
+    def quantized_layers(model):  # on the meta device, before the weights are materialised
         for name in modules:
             try:
                 lin = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: module {name!r} is not in the model") from None
             _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None))
-    model.to_empty(device=device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{weights}: does not match {QUANT_CONFIG_NAME}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict(tensors, strict=False)
-    model.reset_rope()
+
+    model = model_from_state_dict(config, tensors, f"{weights} (with {QUANT_CONFIG_NAME})", device, prepare=quantized_layers)
     if dtype is not None:  # activations, norms and embeddings; quantized weights keep their dtype
         for m in model.modules():
             if not isinstance(m, QuantLinear):

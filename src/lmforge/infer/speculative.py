@@ -18,11 +18,11 @@ different numbers of tokens and drift apart):
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Generator
 
 import torch
 
-from lmforge.infer.engine import Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
+from lmforge.infer.rows import Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import KVCache
 
@@ -66,11 +66,12 @@ def _round(target, draft, ct: KVCache, cd: KVCache, rows: list[Row], k: int, dev
     return [best[b][: accepted[b] + 1] for b in range(B)], [logprobs[b][: accepted[b] + 1] for b in range(B)], k * B, sum(accepted)
 
 
-def speculative_stream(engine, ids_list: list[list[int]], params_list: list[SamplingParams]) -> Iterator[StreamEvent]:
-    """Greedy generation of the engine's model, k = engine.num_draft_tokens guesses per round
-    from engine.draft_model; updates engine.spec_stats (proposed, accepted, target_steps)."""
-    target, draft, k = engine.model, engine.draft_model, engine.num_draft_tokens
-    tok = engine.tokenizer
+def speculative_stream(target, draft, tok, ids_list: list[list[int]], params_list: list[SamplingParams],
+                       k: int = 4) -> Generator[StreamEvent, None, dict[str, int]]:
+    """Greedy generation of `target`, k guesses per round from `draft` (both share the tokenizer
+    `tok`). Yields the events; returns the statistics {proposed, accepted, target_steps} (the
+    value of `yield from`), which the engine adds to its spec_stats."""
+    stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
     device = next(target.parameters()).device
     C = min(target.config.block_size, draft.config.block_size)
     if max(len(ids) for ids in ids_list) > C:
@@ -80,7 +81,7 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
         request = Request(ids, p, min(p.max_new_tokens, C - len(ids) + 1))
         request.id = i + 1
         stop_ids = set(p.stop_token_ids) | ({tok.eos_id} if tok.eos_id is not None and not p.ignore_eos else set())
-        rows += [Row(request, j, tok, stop_ids, engine.config.vocab_size) for j in range(p.n)]
+        rows += [Row(request, j, tok, stop_ids, target.config.vocab_size) for j in range(p.n)]
     S = min(C, max(len(r.request.prompt_ids) + r.request.max_tokens + k for r in rows))
     dt = next(target.parameters()).dtype
     ct = KVCache(target.config, len(rows), S, device=device, dtype=dt)
@@ -95,16 +96,16 @@ def speculative_stream(engine, ids_list: list[list[int]], params_list: list[Samp
     while True:
         keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
         if not keep:
-            return
+            return stats
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             ct, cd, rows = _keep_rows(ct, index), _keep_rows(cd, index), [rows[b] for b in keep]
         k_eff = max(0, min(k, min(S - 1 - (row.n_tokens - 1) for row in rows)))
         with eval_mode(target, draft):
             tokens, logprobs, proposed, accepted = _round(target, draft, ct, cd, rows, k_eff, device)
-        engine.spec_stats["proposed"] += proposed
-        engine.spec_stats["accepted"] += accepted
-        engine.spec_stats["target_steps"] += 1
+        stats["proposed"] += proposed
+        stats["accepted"] += accepted
+        stats["target_steps"] += 1
         for row, toks, lps in zip(rows, tokens, logprobs):
             for t, lp in zip(toks, lps):
                 yield row.add_token(t, lp)

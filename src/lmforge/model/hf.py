@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.io import atomic_dir, read_json
 from lmforge.model.config import ModelConfig
-from lmforge.model.pretrained import load_state_into, model_state_dict
+from lmforge.model.pretrained import model_from_state_dict, model_state_dict
 from lmforge.model.transformer import Transformer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "mixtral")
@@ -274,37 +274,19 @@ def state_dict_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
-def _fill(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str, device="cpu", dtype=None) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
-    model.tie_weights()
-    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(stored) == 1:
-        model.to(next(iter(stored)))
-    if any(b.is_moe for b in model.layers):  # buffers Mixtral does not store (router_bias)
-        for name, buf in model.named_buffers():
-            if name not in tensors and not name.startswith("rope_"):
-                tensors[name] = torch.zeros_like(buf)
-    load_state_into(model, tensors, source)
-    if dtype is not None:
-        model.to(dtype)
-    model.reset_rope()  # not in the file; computed in fp32 then cast, after any dtype change
-    return model.eval()
-
-
 def from_hf(hf_model, device="cpu", dtype=None) -> Transformer:
     """A transformers model (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
     GPT2LMHeadModel, MixtralForCausalLM) -> an lmforge Transformer with the same weights."""
     hf_config = hf_model.config.to_dict()
     config = config_from_hf(hf_config)
     tensors = state_dict_from_hf({k: v.detach() for k, v in hf_model.state_dict().items()}, config, hf_config["model_type"])
-    return _fill(config, tensors, f"HF {type(hf_model).__name__}", device, dtype)
+    return model_from_state_dict(config, tensors, f"HF {type(hf_model).__name__}", device, dtype,
+                                 zero_missing_buffers=True)  # router_bias: no Mixtral counterpart
 
 
 def to_hf(model: Transformer):
     """An lmforge Transformer -> the equivalent transformers model (needs `transformers`)."""
-    import transformers
+    import transformers  # heavy (seconds to import) and needed only here: imported on use
 
     hf_dict = config_to_hf(model.config)
     model_type = hf_dict.pop("model_type")
@@ -360,7 +342,8 @@ def load_hf_checkpoint(path: str | Path, device="cpu", dtype=None) -> Transforme
     for f in files:
         hf_sd.update(load_file(str(f), device=str(device)))
     tensors = state_dict_from_hf(hf_sd, config, hf_config["model_type"])
-    return _fill(config, tensors, str(path), device, dtype)
+    return model_from_state_dict(config, tensors, str(path), device, dtype,
+                                 zero_missing_buffers=True)  # router_bias: no Mixtral counterpart
 
 
 def save_hf_checkpoint(model: Transformer, path: str | Path) -> None:

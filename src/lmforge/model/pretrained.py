@@ -68,12 +68,39 @@ def model_state_dict_shapes(model: Transformer) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def load_pretrained(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """Build the model from run_dir/config.json and fill it from run_dir/model.safetensors.
+def model_from_state_dict(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str, device="cpu",
+                          dtype: torch.dtype | None = None, prepare=None, zero_missing_buffers: bool = False) -> Transformer:
+    """The one way to build a model from stored tensors (run directories, HF checkpoints,
+    quantized runs): built on the `meta` device (no wasted random initialisation), materialised
+    on `device` in the stored dtype, filled through `load_state_into` (every name and shape
+    checked), cast to `dtype` (None keeps the stored one), RoPE tables recomputed, eval mode.
 
-    The model is built on the `meta` device first (no wasted random initialisation), then
-    materialised on `device` and filled; dtype=None keeps the stored dtype of the weights.
+    prepare(model) runs on the meta model first (quantization swaps in its own layers there).
+    zero_missing_buffers: buffers the checkpoint has no counterpart for (a Mixtral checkpoint has
+    no router_bias) start at zero instead of being reported missing.
     """
+    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    with torch.device("meta"):
+        model = Transformer(config)
+        if prepare is not None:
+            prepare(model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    if len(stored) == 1:  # materialise in the stored dtype so nothing is rounded twice
+        model.to(next(iter(stored)))
+    if zero_missing_buffers:
+        persistent = model.state_dict()
+        tensors = {**{name: torch.zeros_like(buf) for name, buf in model.named_buffers() if name in persistent}, **tensors}
+    load_state_into(model, tensors, source)
+    if dtype is not None:
+        model.to(dtype)
+    model.reset_rope()  # not in the file; computed in fp32 then cast, after any dtype change
+    return model.eval()
+
+
+def load_pretrained(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Build the model from run_dir/config.json and fill it from run_dir/model.safetensors
+    (see model_from_state_dict); dtype=None keeps the stored dtype of the weights."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(2, "model directory not found", str(run_dir))
@@ -86,15 +113,4 @@ def load_pretrained(run_dir: str | Path, device="cpu", dtype: torch.dtype | None
         tensors = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
-    stored = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
-    model.tie_weights()
-    if len(stored) == 1:  # materialise in the stored dtype so nothing is rounded twice
-        model.to(next(iter(stored)))
-    load_state_into(model, tensors, str(weights_path))
-    if dtype is not None:
-        model.to(dtype)
-    model.reset_rope()  # not in the file; computed in fp32 then cast, after any dtype change
-    return model.eval()
+    return model_from_state_dict(config, tensors, str(weights_path), device, dtype)

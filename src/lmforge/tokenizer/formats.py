@@ -20,17 +20,30 @@ from __future__ import annotations
 import base64
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import regex
 
-from ..io import atomic_write_json, atomic_write_text
-from .bpe import merges_from_ranks
-from .patterns import GPT2, PATTERNS, resolve_pattern
-from .tokenizer import Tokenizer
+from lmforge.io import atomic_write_json, atomic_write_text, read_json
+from lmforge.tokenizer.bpe import merges_from_ranks
+from lmforge.tokenizer.patterns import GPT2, PATTERNS, pattern_name, resolve_pattern
 
-from lmforge.io import read_json
+
+@dataclass
+class TokenizerData:
+    """What a tokenizer file holds: ranks (bytes -> id), the split regex and the special tokens.
+    `Tokenizer(data.ranks, data.pattern, data.special_tokens)` builds the tokenizer (and checks
+    it); this module reads and writes files and knows nothing of the Tokenizer class."""
+
+    ranks: dict[bytes, int]
+    pattern: str
+    special_tokens: dict[str, int]
+
+    @property
+    def pattern_name(self) -> str | None:
+        return pattern_name(self.pattern)
 
 
 @lru_cache(maxsize=1)
@@ -70,7 +83,8 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 
 # ---- HF tokenizer.json ----------------------------------------------------------------------
-def to_hf_json(tok: Tokenizer) -> dict:
+def to_hf_json(tok) -> dict:
+    """tok: a Tokenizer (or TokenizerData): its ranks, pattern and special_tokens as HF tokenizer.json."""
     vocab = {_to_unicode(token): i for token, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])}
     merges = [[_to_unicode(a), _to_unicode(b)] for a, b in merges_from_ranks(tok.ranks)]
     added = [
@@ -107,7 +121,7 @@ def to_hf_json(tok: Tokenizer) -> dict:
     }
 
 
-def save_hf_json(tok: Tokenizer, path: str | os.PathLike) -> None:
+def save_hf_json(tok, path: str | os.PathLike) -> None:
     atomic_write_json(path, to_hf_json(tok), indent=None)
 
 
@@ -136,8 +150,8 @@ def _pattern_from_hf(pre: dict | None, source) -> str:
     return pattern
 
 
-def from_vocab_and_merges(vocab: dict[str, int], merges: list, pattern: str, special_tokens: dict[str, int], source) -> Tokenizer:
-    """Build a Tokenizer from a byte-level vocab and merges, checking that ranks == ids works."""
+def from_vocab_and_merges(vocab: dict[str, int], merges: list, pattern: str, special_tokens: dict[str, int], source) -> TokenizerData:
+    """Ranks from a byte-level vocab and merges, checking that ranks == ids works."""
     special_ids = set(special_tokens.values())
     ranks = {_to_bytes(s, source): i for s, i in vocab.items() if i not in special_ids}
     last = -1
@@ -150,10 +164,10 @@ def from_vocab_and_merges(vocab: dict[str, int], merges: list, pattern: str, spe
         if rank <= last:
             raise ValueError(f"{source}: merge {k} ({a!r}, {b!r}) is out of id order; lmforge needs merges listed in the order of their token ids")
         last = rank
-    return Tokenizer(ranks, pattern, special_tokens)
+    return TokenizerData(ranks, pattern, special_tokens)
 
 
-def load_hf_json(path: str | os.PathLike) -> Tokenizer:
+def load_hf_json(path: str | os.PathLike) -> TokenizerData:
     path = Path(path)
     data = read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
@@ -167,7 +181,7 @@ def load_hf_json(path: str | os.PathLike) -> Tokenizer:
 
 
 # ---- GPT-2 encoder.json + vocab.bpe ---------------------------------------------------------
-def load_gpt2_dir(path: str | os.PathLike) -> Tokenizer:
+def load_gpt2_dir(path: str | os.PathLike) -> TokenizerData:
     """OpenAI's GPT-2 files (or HF's identical vocab.json + merges.txt); <|endoftext|> is special."""
     path = Path(path)
     enc_file, bpe_file = path / "encoder.json", path / "vocab.bpe"
@@ -181,7 +195,7 @@ def load_gpt2_dir(path: str | os.PathLike) -> Tokenizer:
 
 
 # ---- tiktoken rank files --------------------------------------------------------------------
-def load_tiktoken_file(path: str | os.PathLike, pattern: str | None = None, special_tokens: dict[str, int] | None = None) -> Tokenizer:
+def load_tiktoken_file(path: str | os.PathLike, pattern: str | None = None, special_tokens: dict[str, int] | None = None) -> TokenizerData:
     """A `.tiktoken` file: one `base64(token) rank` per line. It stores no pattern or special
     tokens: the pattern defaults by name (o200k* -> o200k, r50k/p50k* -> gpt2, else gpt4)."""
     path = Path(path)
@@ -198,15 +212,15 @@ def load_tiktoken_file(path: str | os.PathLike, pattern: str | None = None, spec
     if pattern is None:
         name = path.name.lower()
         pattern = "o200k" if "o200k" in name else "gpt2" if ("r50k" in name or "p50k" in name) else "gpt4"
-    return Tokenizer(ranks, resolve_pattern(pattern), special_tokens or {})
+    return TokenizerData(ranks, resolve_pattern(pattern), dict(special_tokens or {}))
 
 
-def save_tiktoken_file(tok: Tokenizer, path: str | os.PathLike) -> None:
+def save_tiktoken_file(tok, path: str | os.PathLike) -> None:
     lines = [f"{base64.b64encode(t).decode()} {i}" for t, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def load_any(path: str | os.PathLike, pattern: str | None = None, special_tokens: dict[str, int] | None = None) -> Tokenizer:
+def load_any(path: str | os.PathLike, pattern: str | None = None, special_tokens: dict[str, int] | None = None) -> TokenizerData:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(2, "No such tokenizer file or directory", str(path))
@@ -223,4 +237,4 @@ def load_any(path: str | os.PathLike, pattern: str | None = None, special_tokens
     return load_tiktoken_file(path, pattern=pattern, special_tokens=special_tokens)
 
 
-__all__ = ["PATTERNS", "bytes_to_unicode", "to_hf_json", "save_hf_json", "load_hf_json", "load_gpt2_dir", "load_tiktoken_file", "save_tiktoken_file", "load_any"]
+__all__ = ["PATTERNS", "TokenizerData", "bytes_to_unicode", "to_hf_json", "save_hf_json", "load_hf_json", "load_gpt2_dir", "load_tiktoken_file", "save_tiktoken_file", "load_any"]

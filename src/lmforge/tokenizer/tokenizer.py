@@ -22,7 +22,8 @@ from typing import Iterable
 
 import tiktoken
 
-from .patterns import pattern_name, resolve_pattern
+from lmforge.tokenizer.formats import load_any, save_hf_json
+from lmforge.tokenizer.patterns import pattern_name, resolve_pattern
 
 # Ids at the top of the vocabulary, in this order (docs/INTERFACES.md). The reserved ones leave
 # room for markers later stages may need without changing the vocabulary size.
@@ -145,8 +146,6 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `path/tokenizer.json` (HF format) atomically; returns the file's path."""
-        from .formats import save_hf_json
-
         out = Path(path) / "tokenizer.json"
         save_hf_json(self, out)
         return out
@@ -156,9 +155,8 @@ class Tokenizer:
         """Load a `tokenizer.json` (ours or any HF byte-level BPE), a directory holding one, a GPT-2
         directory (`encoder.json` + `vocab.bpe`) or a tiktoken rank file (`pattern` and
         `special_tokens` apply to the latter, which stores neither; default pattern "gpt4")."""
-        from .formats import load_any
-
-        return load_any(path, pattern=pattern, special_tokens=special_tokens)
+        data = load_any(path, pattern=pattern, special_tokens=special_tokens)
+        return cls(data.ranks, data.pattern, data.special_tokens)
 
     def __repr__(self) -> str:
         pat = self.pattern_name or "custom"

@@ -19,6 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from tqdm import tqdm
+
 from lmforge.io import atomic_path, atomic_write_json
 
 from .world import DEFAULT_MIX, PRETRAIN_KINDS, World
@@ -108,8 +110,6 @@ def generate(out_dir, size: str | int = "50MB", seed: int = 0, mix: str | dict |
     weights = parse_mix(mix)
     out = Path(out_dir)
     world = World(seed)
-    from tqdm import tqdm
-
     # a kind left out of this mix must not linger from an earlier world in the same directory
     # (readers take every file under pretrain/)
     for kind in PRETRAIN_KINDS:
