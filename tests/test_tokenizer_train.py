@@ -141,7 +141,7 @@ def test_a_str_naming_a_file_is_refused(tmp_path):
 def test_jsonl_line_without_the_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "fine"}\n\n{"content": "wrong key"}\n')
-    with pytest.raises(ValueError, match=r"data\.jsonl:3: no 'text' field \(found \['content'\]\)"):
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: no field 'text' \(found: content\)"):
         train([path], vocab_size=300)
     path.write_text('{"text": "fine"}\n{"text": 5}\n')
     with pytest.raises(ValueError, match=r"data\.jsonl:2: field 'text' is int"):

@@ -87,12 +87,17 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+            if line.strip():
+                yield lineno, parse_jsonl_line(line, path, lineno)
+
+
+def parse_jsonl_line(line: str, path: str | os.PathLike, lineno: int) -> dict:
+    """One JSONL record; malformed JSON or a value that is not an object raises ValueError
+    naming the file and line (`data.jsonl:12: not valid JSON (...)`)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    return record

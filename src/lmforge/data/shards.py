@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.corpus import find_files, iter_documents
+from lmforge.corpus import find_files, iter_documents
 from lmforge.io import atomic_dir, atomic_write_json
 
 FORMAT = "lmforge-shards-v1"
@@ -187,7 +187,8 @@ def write_shards(
     shard_tokens: int = SHARD_TOKENS,
     progress: bool = True,
 ) -> dict:
-    """Tokenize `inputs` (files or directories of .txt/.jsonl/.parquet) into a shards directory.
+    """Tokenize `inputs` (files or directories of .txt/.md/.jsonl/.parquet, read by lmforge.corpus)
+    into a shards directory.
 
     Documents are separated by `tokenizer.eos_id`. The last `val_fraction` of each input file's
     bytes goes to the validation split (so a corpus of several files, e.g. one per genre, is

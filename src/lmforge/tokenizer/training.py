@@ -58,8 +58,9 @@ def train(
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer.
 
-    inputs: a str (text), a pathlib.Path (a .txt/.jsonl file or a directory of them), or a list
-    of those. `vocab_size` counts the 256 bytes, the merges and the special tokens, which get the
+    inputs: a str (text), a pathlib.Path (a .txt/.md/.jsonl/.parquet file or a directory of them,
+    read by lmforge.corpus; `text_field` names the JSONL field / parquet column), or a list of
+    those. `vocab_size` counts the 256 bytes, the merges and the special tokens, which get the
     top ids in the order given. `workers` processes pre-tokenize (default: all cores).
     """
     special_tokens = list(special_tokens)
