@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+from lmforge.cli import add_command
+from lmforge.data.shards import write_shards
+from lmforge.tokenizer import Tokenizer
+
 
 def cmd_prepare(args) -> int:
-    from lmforge.data.shards import write_shards
-    from lmforge.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(args.tokenizer)
     meta = write_shards(args.input, tokenizer, args.out, field=args.field, val_fraction=args.val_fraction,
                         workers=args.workers, progress=not args.quiet)
@@ -22,8 +23,6 @@ def cmd_prepare(args) -> int:
 
 
 def register(subparsers):
-    from lmforge.cli import add_command
-
     data = subparsers.add_parser("data", help="prepare token shards from text corpora")
     sub = data.add_subparsers(title="commands", metavar="<command>")
     data.set_defaults(_parser=data)

@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 from lmforge.cli import UserError, add_command
+from lmforge.data.chat import render_chat
+from lmforge.infer import load_run
+from lmforge.infer.engine import Engine
+from lmforge.infer.quantize import quantize_run
+from lmforge.infer.sampling import SamplingParams
 
 
 def add_sampling_flags(p, max_new_tokens: int = 128, temperature: float = 0.8) -> None:
@@ -22,15 +27,13 @@ def add_sampling_flags(p, max_new_tokens: int = 128, temperature: float = 0.8) -
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-    g.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when the prompt does not fit the context (default: error)")
+    g.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when the prompt does not fit the context (off: an error)")
     r = p.add_argument_group("model")
     r.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
     r.add_argument("--device", default="cpu", help="torch device")
 
 
 def params_from_args(args, **extra):
-    from lmforge.infer.sampling import SamplingParams
-
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
@@ -39,9 +42,6 @@ def params_from_args(args, **extra):
 
 
 def _engine(args, draft_run: str | None = None, num_draft_tokens: int = 4):
-    from lmforge.infer import load_run
-    from lmforge.infer.engine import Engine
-
     model, tok = load_run(args.run, device=args.device)
     draft = None
     if draft_run:
@@ -105,8 +105,6 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the s
 
 
 def cmd_chat(args) -> int:
-    from lmforge.data.chat import render_chat
-
     engine = _engine(args)
     tok = engine.tokenizer
     end_id = tok.special_tokens.get("<|end|>")
@@ -143,7 +141,7 @@ def cmd_chat(args) -> int:
             print(f"[unknown command {text.split()[0]}; {CHAT_HELP}]", flush=True)
             continue
         history.append({"role": "user", "content": text})
-        ids = _fit_history(render_chat, tok, system, history, engine.config.block_size - params.max_new_tokens)
+        ids = _fit_history(tok, system, history, engine.config.block_size - params.max_new_tokens)
         print("assistant> ", end="", flush=True)
         answer = []
         stream = engine.stream(ids, params)
@@ -158,7 +156,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
-def _fit_history(render_chat, tok, system, history, budget: int) -> list[int]:
+def _fit_history(tok, system, history, budget: int) -> list[int]:
     """Render the conversation, dropping the oldest turns (never the system prompt nor the last
     user message) until it fits `budget` tokens."""
     while True:
@@ -171,8 +169,6 @@ def _fit_history(render_chat, tok, system, history, budget: int) -> list[int]:
 
 # ---- quantize ----
 def cmd_quantize(args) -> int:
-    from lmforge.infer.quantize import quantize_run
-
     report = quantize_run(args.run, args.out, args.bits, args.group_size)
     print(json.dumps(report))
     return 0

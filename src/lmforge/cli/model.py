@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmforge.io import read_json
 from lmforge.cli import UserError, add_command
+from lmforge.io import read_json
+from lmforge.model import PRESETS, ModelConfig, parse_overrides
+from lmforge.model.hf import config_from_hf
+from lmforge.model.params import COMPONENTS, count_params, flops_per_token, format_count
 
 
 def register(subparsers):
@@ -19,15 +22,12 @@ def register(subparsers):
     p.add_argument("model", metavar="PRESET|DIR", help="preset name (e.g. llama-3.1-8b, gpt2, small) or a directory holding config.json")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set n_layer=4 (repeatable; unknown keys are an error)")
-    p.add_argument("--seq-len", type=int, default=None, help="context length for the FLOPs figure (default: the model's block_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="context length for the FLOPs figure (None: the model's block_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def resolve_config(spec: str, overrides: dict):
     """A preset name, an lmforge run dir, or an HF checkpoint dir -> ModelConfig."""
-    from lmforge.model import PRESETS, ModelConfig
-    from lmforge.model.hf import config_from_hf
-
     path = Path(spec)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec, **overrides)
@@ -42,9 +42,6 @@ def resolve_config(spec: str, overrides: dict):
 
 
 def cmd_params(args) -> int:
-    from lmforge.model import parse_overrides
-    from lmforge.model.params import COMPONENTS, count_params, flops_per_token, format_count
-
     config = resolve_config(args.model, parse_overrides(args.overrides))
     counts = count_params(config)
     seq_len = args.seq_len or config.block_size

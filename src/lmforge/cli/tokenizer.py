@@ -14,7 +14,9 @@ import time
 import warnings
 from pathlib import Path
 
-from . import UserError, add_command
+from lmforge.cli import UserError, add_command
+from lmforge.data import world
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train
 
 
 def register(subparsers):
@@ -64,23 +66,15 @@ def _allowed(args):
 
 
 def _load(args):
-    from ..tokenizer import Tokenizer
-
     return Tokenizer.load(args.tokenizer)
 
 
 def cmd_train(args) -> int:
-    from ..tokenizer import SPECIAL_TOKENS, train
-
     specials = [] if args.no_special_tokens else SPECIAL_TOKENS
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="lmforge-world-") as tmp:
         inputs = args.input
         if not inputs:
-            try:
-                from ..data import world
-            except ImportError:
-                raise UserError("no --input given and the built-in world (lmforge.data.world) is not available: pass --input PATH") from None
             print(f"no --input: generating {args.world_size} of built-in world text (seed 0)", file=sys.stderr)
             world.generate(tmp, size=args.world_size, seed=0)
             inputs = [Path(tmp) / "pretrain"]

@@ -6,6 +6,7 @@ import json
 import time
 
 from lmforge.cli import add_command
+from lmforge.data.world import generate, parse_size, stats
 
 
 def register(subparsers):
@@ -19,7 +20,7 @@ def register(subparsers):
     p.add_argument("--size", default="50MB", help="bytes of pretraining text, e.g. 500KB, 50MB, 1GiB")
     p.add_argument("--seed", type=int, default=0, help="world seed: same seed, same bytes")
     p.add_argument("--mix", default=None,
-                   help="document kinds and weights, e.g. stories=0.4,encyclopedia=0.2 (default: the built-in mix; "
+                   help="document kinds and weights, e.g. stories=0.4,encyclopedia=0.2 (None: the built-in mix; "
                         "kinds: arithmetic, translation, stories, encyclopedia, qa, arithmetic_cot, word_problems, fewshot)")
     p.add_argument("--eval-items", type=int, default=200, help="items per evaluation set (at most)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -32,8 +33,6 @@ def register(subparsers):
 
 
 def cmd_generate(args) -> int:
-    from lmforge.data.world import generate
-
     t0 = time.time()
     summary = generate(args.out, size=args.size, seed=args.seed, mix=args.mix, progress=not args.no_progress,
                        n_eval=args.eval_items)
@@ -46,8 +45,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from lmforge.data.world import parse_size, stats
-
     s = stats(args.dir, sample_bytes=parse_size(args.sample))
     if args.json:
         print(json.dumps(s, ensure_ascii=False, indent=2))
