@@ -2,33 +2,13 @@
 input (`step`) or a (B, 1) input whose rows sit at their own positions (`step_rows`), in about
 half of the operations.
 
-A decode step of a small model on CPU is two costs: streaming every weight from memory once
-(bandwidth) and dispatching a few hundred small tensor operations (norms, RoPE, cache writes,
-attention, residual adds), each a few microseconds. `DecodeStep` cuts both:
-
-- weights are read through transposed copies, x @ W^T with W^T (in, out) contiguous, split
-  across the threads (`one_row_matmul`), which streams ~2.3x faster than F.linear's x @ W for
-  one row on two threads; q/k/v are one matrix (in, (H + 2K) * D) and gate/up another
-  (in, 2F), so a block is 4 matmuls;
-- the RMSNorm weights are folded into the matrix each norm feeds, (x̂ * w) @ W^T =
-  x̂ @ (diag(w) W^T), and at batch 1 the norm's mean square is one `addmm` (x x^T / C + eps):
-  a norm is 3 small operations instead of F.rms_norm's ~10 (~7 us instead of ~25-60 us);
-- RoPE rotates q and k together (3 ops) and there are no module calls: per block ~25
-  operations instead of ~50.
-
-The copies hold as much memory as the model's Linear weights, so the engine builds a
-`DecodeStep` only on CPU and below a size limit; they are rebuilt when a weight changes (an
-optimizer step between generations, `load_state_dict`, a new Parameter). Replacing a whole
-module (e.g. quantizing the model's layers) needs a new `DecodeStep` (a new Engine).
-
-`step_rows` is the same for a batch of rows at their own positions (continuous batching: each
-row at cache.pos[b]). For 2-32 rows the fast CPU product is W @ X^T with W as stored (out, in)
-(MKL runs it as a GEMM over W's rows; x @ W^T runs at half the speed), so it keeps the
-activations transposed, X^T (C, B), from the embedding to the head: every Linear is one
-`torch.mm(W, X^T)` on the model's own weights (no copies), the norms reduce over dim 0, and only
-attention sees (B, H, 1, D) views. Models the step does not cover (LayerNorm/GPT-2, learned
-positions, QK-norm, biases, MoE layers, quantized layers) and calls of more than one token go
-through `Transformer.forward` as before.
+Why: on CPU a small model's decode step is weight streaming plus a few hundred tiny tensor
+operations. One row reads transposed, fused q/k/v and gate/up copies with the RMSNorm weights
+folded in, split across threads (`one_row_matmul`); several rows keep the activations
+transposed, X^T (C, B), so every Linear is `torch.mm(W, X^T)` on the model's own weights.
+The copies are rebuilt when a weight changes; replacing a module needs a new `DecodeStep`.
+Models it does not cover (`supports`) go through `Transformer.forward`. Design and figures:
+docs/inference.md (*The CPU decode step*) and docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -67,8 +47,8 @@ class DecodeStep:
         self.model = model
         self.config = model.config
         self._stamp = None
-        # the modules whose weights the copies are made from: checking their weights' identity and
-        # version each step costs ~30 us, walking model.parameters() ~0.9 ms for a 6-layer model
+        # the modules whose weights the copies are made from: checking only their weights' identity
+        # and version each step is far cheaper than walking model.parameters() (docs/BENCHMARKS.md)
         self._sources = [model.embed_tokens, model.norm, model.lm_head] + [
             m for block in model.layers for m in (block.input_layernorm, block.post_attention_layernorm, *_block_modules(block))]
         self._blocks: list[tuple] = []
