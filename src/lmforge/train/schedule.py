@@ -23,9 +23,12 @@ def lr_multiplier(step: int, progress: float, warmup: int, schedule: str, min_lr
     `progress` is step / max_steps (or the fraction of the time budget, whichever is larger);
     `warmup_progress` is the progress at which warmup ends, so the decay spans the rest.
 
-    >>> lr_multiplier(0, 0.0, warmup=10, schedule="cosine")          # 0.1
-    >>> lr_multiplier(100, 1.0, warmup=10, schedule="cosine")        # 0.1 (= min_lr_ratio)
-    >>> lr_multiplier(50, 0.5, warmup=10, schedule="wsd")            # 1.0 (stable phase)
+    >>> lr_multiplier(0, 0.0, warmup=10, schedule="cosine")      # first warmup step: 1/warmup
+    0.1
+    >>> lr_multiplier(100, 1.0, warmup=10, schedule="cosine")    # the end: min_lr_ratio
+    0.1
+    >>> lr_multiplier(50, 0.5, warmup=10, schedule="wsd")        # stable phase
+    1.0
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}, expected one of {', '.join(SCHEDULES)}")
