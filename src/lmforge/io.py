@@ -20,8 +20,9 @@ from typing import Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`.
 
-    >>> with atomic_path("out/model.safetensors") as tmp:
-    ...     save_file(tensors, tmp)          # a crash here leaves out/model.safetensors untouched
+    Example:
+        with atomic_path("out/model.safetensors") as tmp:
+            save_file(tensors, tmp)          # a crash here leaves out/model.safetensors untouched
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
