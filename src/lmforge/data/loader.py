@@ -22,9 +22,10 @@ from lmforge.data.shards import ShardDataset
 class TokenLoader:
     """`next(loader)` -> (B, T+1) long tensor; inputs are [:, :-1], targets [:, 1:].
 
-    >>> loader = TokenLoader(ShardDataset("shards", "train"), batch_size=8, seq_len=256, seed=0)
-    >>> batch = next(loader)                     # torch.Size([8, 257])
-    >>> state = loader.state_dict()              # {"position": 1, ...}; load_state_dict(state) resumes
+    Example:
+        loader = TokenLoader(ShardDataset("shards", "train"), batch_size=8, seq_len=256, seed=0)
+        batch = next(loader)                     # torch.Size([8, 257])
+        state = loader.state_dict()              # {"position": 1, ...}; load_state_dict(state) resumes
     """
 
     def __init__(self, dataset: ShardDataset, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
