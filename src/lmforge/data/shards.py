@@ -277,9 +277,10 @@ def _split_info(d, files, dtype, token_bytes, eos_id) -> dict:
 class ShardDataset:
     """One split of a shards directory, memory-mapped.
 
-    >>> ds = ShardDataset("shards/", "train")
-    >>> ds.count, ds.bytes, ds.tokens_per_byte       # (1003854, 1003854, 1.0) for a byte-level vocab
-    >>> ds.window(0, 65)                             # np.ndarray of 65 token ids, never past a file end
+    Example:
+        ds = ShardDataset("shards/", "train")
+        ds.count, ds.bytes, ds.tokens_per_byte       # (1003854, 1003854, 1.0) for a byte-level vocab
+        ds.window(0, 65)                             # np.ndarray of 65 token ids, never past a file end
     """
 
     def __init__(self, path: str | os.PathLike, split: str = "train"):
