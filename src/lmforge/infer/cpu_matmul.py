@@ -78,13 +78,15 @@ def weights_stamp(model: nn.Module) -> tuple:
 
 
 def keep_transposed_weights(model: nn.Module, on: bool = True, max_bytes: int = 2**30) -> bool:
-    """Install the few-row paths in the model's `Linear` layers; with `on`, also transposed
-    weight copies for one-row matmuls (CPU decoding at batch 1), when the weights are on CPU and
-    take at most `max_bytes` (the copies take as much again). Returns whether the copies are on."""
+    """Install the few-row paths in the model's `Linear` layers when its weights are on CPU; with
+    `on`, also transposed weight copies for one-row matmuls (decoding at batch 1), when the
+    weights take at most `max_bytes` (the copies take as much again). Returns whether the copies
+    are on."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    on = on and linear_bytes(model) <= max_bytes and all(m.weight.device.type == "cpu" for m in layers)
-    for m in layers:
-        m.decode_matmul = DecodeMatmul(transposed=on)
+    on_cpu = all(m.weight.device.type == "cpu" for m in layers)
+    on = on and on_cpu and linear_bytes(model) <= max_bytes
+    for m in layers:  # off the CPU, no hook: plain F.linear
+        m.decode_matmul = DecodeMatmul(transposed=on) if on_cpu else None
     return on
 
 
