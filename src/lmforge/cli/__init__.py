@@ -18,6 +18,7 @@ import warnings
 # stage modules, in the order `lmforge --help` lists them
 COMMANDS = [
     "lmforge.cli.demo",  # demo
+    "lmforge.cli.eval",  # eval
     "lmforge.cli.world",  # world generate|stats
     "lmforge.cli.tokenizer",  # tokenizer train|encode|decode|show
     "lmforge.cli.data",  # data prepare
