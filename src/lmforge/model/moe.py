@@ -1,39 +1,12 @@
 """Mixture of Experts: a sparse SwiGLU feed-forward layer with top-k routing and load balancing.
 
-An MoE layer replaces the FFN by E independent experts and a router that sends each token to only
-k of them (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral, Jiang et al. 2024):
-
-    y = shared(x) + sum over the chosen experts i of  g_i(x) * E_i(x),   E_i(x) = W_down_i (silu(W_gate_i x) * W_up_i x)
-
-The layer holds E times the FFN parameters but each token pays for k experts only.
-
-Routers (`config.router`), from logits = W_router x:
-- "softmax_topk" (Mixtral): p = softmax(logits); choose the top-k of p; g = p_chosen / sum(p_chosen).
-- "softmax" (Switch / GShard): the same top-k, g = p_chosen without renormalisation.
-- "sigmoid_bias" (DeepSeek-V3, Liu et al. 2024, section 2.1.2, "auxiliary-loss-free"): s = sigmoid(logits);
-  choose the top-k of s + b, where the per-expert bias b (a buffer, never trained by gradient) is
-  used only for choosing; g = s_chosen / sum(s_chosen). After each optimizer step
-  `update_router_bias()` moves b_i by gamma * sign(mean load - load_i), so overloaded experts
-  get chosen less and underloaded ones more.
-
-Balancing losses (returned in `last_stats`; the model multiplies them by the config's coefficients
-`aux_loss_coef` (default 0.01, as Switch / Mixtral) and `z_loss_coef` (default 0.001, as ST-MoE)):
-- Switch / GShard auxiliary loss  aux = E * sum_i f_i * P_i, with f_i the fraction of tokens
-  routed to expert i (over all k slots, so sum_i f_i = k, as HF Mixtral's `load_balancing_loss_func`)
-  and P_i the mean router probability of expert i. Only P carries gradient. It equals k when
-  both the load and the mean probabilities are uniform, and grows as they concentrate on the same experts.
-- Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5)  z = mean over tokens of logsumexp(logits)^2,
-  keeping router logits small so the softmax stays numerically tame.
-- Optional jitter (Switch): while training the router input is multiplied by U(1 - eps, 1 + eps).
-
-Dispatch is dropless by default: the N*k token->expert assignments are sorted by expert, each
-expert runs once on its contiguous block of rows (one grouped matmul, `torch.nn.functional.grouped_mm`,
-where the device and dtype allow it, else a loop over the E experts on slices), and the weighted
-outputs are put back in token order and summed over each token's k slots -- gathers only, forward
-and backward (see `_Dispatch`, `_Permute`). With `capacity_factor` each expert keeps at most
-ceil(capacity_factor * N * k / E) assignments (first choices before second choices, GShard); the
-rest are dropped, the token keeps only its residual for that slot, and `drop_rate` says how many
-(that path scatter-adds with `index_add_`).
+An MoE layer replaces the FFN by E experts and a router that sends each token to k of them
+(Shazeer et al. 2017; Switch; Mixtral), so the layer holds E times the FFN's parameters while
+each token pays for k:  y = shared(x) + sum over the chosen experts i of g_i(x) * E_i(x).
+`route` implements the three routers (Mixtral, Switch/GShard, DeepSeek-V3's bias), the two
+balancing losses keep the load even, and dispatch sorts the assignments by expert so each
+expert runs once on a contiguous block (dropless unless `capacity_factor`). Reference with the
+maths and the papers: docs/moe.md.
 
 Legend used in shape comments:
     B batch, T tokens, N = B*T tokens in the layer, C n_embd, E n_expert, k experts per token,
@@ -57,6 +30,13 @@ from lmforge.model.config import ModelConfig
 # --------------------------------------------------------------------------------------------
 def route(logits: torch.Tensor, router: str, k: int, bias: torch.Tensor | None = None):
     """Choose k experts per token and their gate weights.
+
+    - "softmax_topk" (Mixtral): p = softmax(logits); the top-k of p; g = p_chosen / sum(p_chosen).
+    - "softmax" (Switch / GShard): the same top-k, g = p_chosen without renormalisation.
+    - "sigmoid_bias" (DeepSeek-V3, Liu et al. 2024, section 2.1.2, "auxiliary-loss-free"):
+      s = sigmoid(logits); the top-k of s + b, where the per-expert bias b (a buffer, never
+      trained by gradient, moved by `MoEFeedForward.update_router_bias`) only chooses;
+      g = s_chosen / sum(s_chosen).
 
     logits (N, E) float -> (weights (N, k), experts (N, k) long, probs (N, E)); `probs` are the
     router probabilities used by the auxiliary loss (softmax, or for "sigmoid_bias" the sigmoid
