@@ -6,22 +6,8 @@
     for event in engine.stream(prompt, params):        # a generator: the CLI, chat and server stream
         print(event.text, end="")                       # UTF-8-safe text deltas
 
-How a step works (`Scheduler.step`), the continuous-batching loop the server also runs:
-1. admit waiting requests while rows are free: look up the prompt's longest cached prefix
-   (prefix_cache.py), copy its keys/values into the request's cache row, prefill the rest of the
-   prompt in one forward call, copy the row to the request's other n-1 samples (one prefill for
-   n samples) and sample each sample's first token;
-2. one decode forward for every running row, each at its own position (the model's KV cache
-   takes per-row positions; on CPU through the lean `DecodeStep`, decode_step.py, where the
-   model's shape allows), then sample each row's next token with its own parameters and
-   generator (sampling.py);
-3. turn tokens into text deltas (the tokenizer's stream decoder never splits a character; text
-   that may be the start of a stop string is held back), and retire finished rows: the last row
-   moves into the freed slot, so running rows always fill cache rows 0..B-1.
-
-A token's log-prob is that of the model's raw distribution (before penalties, temperature and
-filters). Returned token ids include a stop token (eos, `<|end|>`, stop_token_ids) when one ended
-the completion; the text never does, nor a stop string.
+Every caller that produces text (CLI, chat, server, evaluation, rollouts) goes through one
+`Scheduler`, the continuous-batching loop (`Scheduler.step` says how a step works).
 
 Letters: B running rows, P prompt tokens, S cache slots, V vocabulary, N n_layer.
 """
@@ -105,7 +91,22 @@ class Scheduler:
     # ---- one step ----
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
-        """Admit what fits, decode one token for each running row; returns the new events."""
+        """Admit what fits, decode one token for each running row; returns the new events.
+
+        1. admit waiting requests while rows are free: look up the prompt's longest cached prefix
+           (prefix_cache.py), copy its keys/values into the request's cache row, prefill the rest
+           of the prompt in one forward call, copy the row to the request's other n-1 samples (one
+           prefill for n samples) and sample each sample's first token;
+        2. one decode forward for every running row, each at its own position (the KV cache takes
+           per-row positions; on CPU through the lean `DecodeStep` where the model's shape
+           allows), then sample each row's next token with its own parameters and generator;
+        3. turn tokens into text deltas (the stream decoder never splits a character; text that
+           may start a stop string is held back) and retire finished rows: the last row moves
+           into the freed slot, so running rows always fill cache rows 0..B-1.
+        A token's log-prob is that of the raw distribution (before penalties, temperature and
+        filters); returned ids include the stop token that ended a completion, the text never
+        does, nor a stop string.
+        """
         with eval_mode(self.model):
             return self._step()
 
@@ -252,7 +253,7 @@ class Engine:
         if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
         self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
-        # CPU decoding at batch 1 reads each weight through a transposed copy (~1.5x faster), for
+        # CPU decoding at batch 1 reads each weight through a transposed copy (faster than F.linear), for
         # models up to 1 GiB of Linear weights: in the lean DecodeStep where the model's shape is
         # covered (decode_step.py), else in the model's own Linear layers (cpu_matmul.py, which
         # also gives every Linear its few-row paths for prefills and several rows)
