@@ -1,28 +1,11 @@
 """Training a byte-level BPE vocabulary (Sennrich et al. 2016, as GPT-2 applies it to bytes).
 
 1. Pre-tokenize: the split regex cuts the corpus into chunks; only the *unique* chunks and their
-   counts are kept (a 10 MB English text has ~2.3M chunks but ~30k unique ones). Both cores
-   count blocks of ~1 MB in parallel when the corpus is larger than a few MB.
+   counts are kept (far fewer than the chunks), counted in parallel blocks for large corpora.
 2. Merge: every chunk is a list of ids (its bytes to start with). Repeat until the vocabulary is
    full: take the most frequent adjacent pair (a, b), give a+b the next id, and rewrite only the
-   chunks that contain (a, b).
-
-The incremental bookkeeping (as in HF tokenizers' BpeTrainer):
-
-    pair_counts[(a, b)]  occurrences weighted by chunk count, updated locally at each merge:
-                         x a b y -> x t y  removes (x,a) (a,b) (b,y), adds (x,t) (t,y)
-    where[(a, b)]        the chunks that contained (a, b) when it was counted (may go stale:
-                         a stale chunk is simply found to hold no (a, b) and left alone)
-    heap                 (-count, pair) entries; counts of old pairs only ever fall, so an
-                         entry is an upper bound: pop, and if the count moved, push it back
-
-Tie-break (deterministic, documented): the highest count wins; among equal counts the pair with
-the smallest (left id, right id). If a+b is already a token (two different pairs spelling the
-same bytes, rare), the chunks are rewritten to that token and no new id is spent (HF does the
-same).
-
-Pairs are packed into one int, `a << 20 | b`, because int keys hash and compare faster than tuples
-in CPython; ids must stay below 2**20.
+   chunks that contain (a, b); `learn_merges` says how the counts are kept incrementally and how
+   ties are broken (deterministically, the same on every machine).
 """
 
 from __future__ import annotations
@@ -157,6 +140,21 @@ def count_chunks(
 def learn_merges(chunk_counts: dict[str, int], n_merges: int, progress: bool = False) -> list[bytes]:
     """Learn merges until the vocabulary has 256 + n_merges tokens (fewer if the corpus runs out
     of pairs); returns the vocabulary, token bytes by id (256 bytes first).
+
+    The incremental bookkeeping (as in HF tokenizers' BpeTrainer):
+
+        pair_counts[(a, b)]  occurrences weighted by chunk count, updated locally at each merge:
+                             x a b y -> x t y  removes (x,a) (a,b) (b,y), adds (x,t) (t,y)
+        where[(a, b)]        the chunks that contained (a, b) when it was counted (may go stale:
+                             a stale chunk is simply found to hold no (a, b) and left alone)
+        heap                 (-count, pair) entries; counts of old pairs only ever fall, so an
+                             entry is an upper bound: pop, and if the count moved, push it back
+
+    Tie-break: the highest count wins; among equal counts the pair with the smallest (left id,
+    right id). If a+b is already a token (two different pairs spelling the same bytes, rare), the
+    chunks are rewritten to that token and no new id is spent (HF does the same). Pairs are
+    packed into one int, `a << 20 | b` (int keys hash and compare faster than tuples in
+    CPython), so ids must stay below 2**20.
 
     >>> learn_merges({"abab": 2, "ab": 1}, 2)[256:]
     [b'ab', b'abab']
