@@ -26,12 +26,12 @@ def register(subparsers):
 
     p = add_command(sub, "train", "train a BPE tokenizer and write OUT/tokenizer.json", cmd_train)
     p.add_argument("--input", nargs="+", type=Path, metavar="PATH",
-                   help=".txt/.jsonl files or directories of them; None: the built-in world's pretraining text")
+                   help=".txt/.md/.jsonl/.parquet files or directories of them; None: the built-in world's pretraining text")
     p.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary: 256 bytes + merges + special tokens")
     p.add_argument("--pattern", default="gpt4", help="split pattern: gpt2, gpt4 (cl100k), llama3, o200k, or a regex")
     p.add_argument("--out", type=Path, required=True, help="output directory (a run directory)")
     p.add_argument("--no-special-tokens", action="store_true", help="train without lmforge's 16 special tokens")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl inputs")
+    p.add_argument("--text-field", default="text", help="field (.jsonl) or column (.parquet) holding the text")
     p.add_argument("--workers", type=int, default=None, help="pre-tokenization processes; None: all cores")
     p.add_argument("--world-size", default="10MB", help="size of the built-in world text when no --input is given")
 
