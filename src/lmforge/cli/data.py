@@ -27,7 +27,7 @@ def register(subparsers):
     sub = data.add_subparsers(title="commands", metavar="<command>")
     data.set_defaults(_parser=data)
     p = add_command(sub, "prepare", "tokenize .txt/.jsonl/.parquet files or directories into memory-mapped shards", cmd_prepare)
-    p.add_argument("--input", nargs="+", required=True, help="files or directories (.txt, .jsonl, .parquet)")
+    p.add_argument("--input", nargs="+", required=True, help="files or directories (.txt, .md, .jsonl, .parquet)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")
     p.add_argument("--out", required=True, help="output shards directory (replaced atomically)")
     p.add_argument("--field", default="text", help="JSONL field / parquet column holding the text")
