@@ -1,23 +1,12 @@
 """Hugging Face checkpoint import and export: Llama (and Mistral), Qwen2, GPT-2, Mixtral.
 
 lmforge names its parameters after HF Llama, so each conversion is a copy loop with shape
-asserts. The family differences handled here:
-
-- Llama / Mistral: `model.` prefix; the head is absent when `tie_word_embeddings`.
-- Qwen2: Llama plus biases on q/k/v (our `attn_bias=True`).
-- GPT-2: `transformer.h.{i}` names, one fused `c_attn` for q/k/v, and `Conv1D` layers that
-  store weights as (in, out), the transpose of `nn.Linear`; learned positions `wpe`; tied head.
-- Mixtral: experts on disk as `block_sparse_moe.experts.{j}.w1|w3|w2` (gate, up, down) and the
-  router as `block_sparse_moe.gate`; transformers 5 holds them in memory stacked and fused as
-  `mlp.experts.gate_up_proj` (E, 2F, C) and `mlp.experts.down_proj` (E, C, F) with the router at
-  `mlp.gate.weight`. Both are read; files are written in the on-disk layout, which every
-  transformers version loads. lmforge stacks experts as `w_gate`/`w_up` (E, F, C), `w_down` (E, C, F).
-
-Nothing here imports transformers except `to_hf`, which builds a transformers model.
-
-    model = load_hf_checkpoint("path/to/Llama-3.2-1B")   # config.json + *.safetensors
-    save_hf_checkpoint(model, "out/hf")                   # AutoModelForCausalLM.from_pretrained("out/hf")
-    model = from_hf(hf_model); hf_model = to_hf(model)    # in memory
+asserts. The family differences handled here: Llama / Mistral's `model.` prefix and absent head
+when tied; Qwen2's q/k/v biases; GPT-2's `transformer.h.{i}` names, fused `c_attn` and `Conv1D`
+weights stored (in, out); Mixtral's experts, on disk per expert (`block_sparse_moe.experts.{j}.
+w1|w3|w2`) and in transformers 5 stacked (`mlp.experts.gate_up_proj` (E, 2F, C), `down_proj`):
+both are read, files are written in the on-disk layout. Nothing here imports transformers except
+`to_hf`. Usage and the test against transformers' logits: docs/model.md.
 """
 
 from __future__ import annotations
