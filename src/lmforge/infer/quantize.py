@@ -1,20 +1,11 @@
 """Weight-only quantization of every Linear layer: int8 per output channel, int4 group-wise.
 
-int8 (symmetric, one scale per output row, as LLM.int8's vector-wise scheme without outliers):
-    scale_o = max_i |W_oi| / 127,   q_oi = round(W_oi / scale_o) in [-127, 127],   W ~ q * scale
-int4 (asymmetric, one scale and minimum per group of `group_size` inputs, as GPTQ/AWQ store it
-with round-to-nearest instead of their error-correcting search):
-    scale_g = (max_g - min_g) / 15,  q = round((W - min_g) / scale_g) in [0, 15],  W ~ q * scale_g + min_g
-    two 4-bit values per byte: input column 2j in the low nibble, 2j+1 in the high one.
-
-Activations stay in floating point. `QuantLinear.forward` unpacks the weight to the activation
-dtype and runs ordinary matmuls (one path for CPU and GPU; it saves memory and disk, not time).
-The embedding table, norms and a head tied to the embedding stay unquantized.
-
-A quantized run directory is a normal one (config.json, tokenizer.json, model.safetensors
-holding `<module>.qweight`, `.scale` [, `.minimum`] for each quantized Linear) plus
-quantization.json: {"bits": 4, "group_size": 64, "scheme": ..., "modules": [...]}; the same
-record is in the safetensors metadata. `lmforge.infer.load_run` loads either kind.
+int8 is symmetric, one scale per output row: q = round(W / scale) in [-127, 127]. int4 is
+asymmetric, a scale and a minimum per group of `group_size` inputs, round to nearest, two values
+per byte (input column 2j in the low nibble): W ~ q * scale_g + min_g with q in [0, 15].
+`QuantLinear.forward` unpacks the weight to the activation dtype and runs ordinary matmuls (one
+path for CPU and GPU): it saves memory and disk, not time. Embeddings, norms and a tied head stay
+unquantized. The formulas and the run-directory format: docs/quantization.md.
 
 Letters: O out_features, I in_features, G groups per row (I / group_size).
 """
