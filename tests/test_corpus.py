@@ -78,6 +78,14 @@ def test_txt_documents_end_at_endoftext_lines_and_pieces_cut_where_no_chunk_cros
         assert Counter(c for p in pieces for c in findall(p)) == Counter(c for d in docs for c in findall(d)), name
 
 
+def test_a_text_without_safe_cuts_is_still_cut_at_four_times_the_piece_size(tmp_path):
+    lines = [f"  indented line {i}\n" for i in range(200)]  # two leading spaces: no cut is safe
+    (tmp_path / "code.txt").write_text("".join(lines), encoding="utf-8")
+    pieces = texts([tmp_path / "code.txt"], piece_chars=100)
+    assert "".join(pieces) == "".join(lines)
+    assert len(pieces) > 1 and all(400 <= len(p) < 400 + 25 for p in pieces[:-1]), [len(p) for p in pieces]
+
+
 def test_md_and_other_named_files_are_text(tmp_path):
     (tmp_path / "notes.md").write_text("# Title\n\nbody\n", encoding="utf-8")
     (tmp_path / "wiki.train.tokens").write_text(" = Heading = \n text\n", encoding="utf-8")
