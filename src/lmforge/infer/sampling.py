@@ -1,20 +1,12 @@
 """Sampling: turn a row of next-token logits into one token id.
 
-The order is the one HF transformers and vLLM use:
-
-    raw logits (V,)
-      -> logit bias                   (add a fixed value per token id)
-      -> repetition penalty           (CTRL, Keskar et al. 2019, eq. 1: seen tokens' logits / r if > 0, * r if < 0)
-      -> frequency / presence penalty (OpenAI: logit - f * count - p * [count > 0])
-      -> temperature                  (logits / T; T == 0 means greedy argmax)
-      -> top-k                        (keep the k largest)
-      -> top-p                        (nucleus, Holtzman et al. 2020: smallest set with mass >= p)
-      -> min-p                        (Nguyen et al. 2024: drop tokens with p < min_p * p_max)
-      -> sample                       (inverse CDF with the request's own torch.Generator)
-
-Every function works on a batch (B, V) with one parameter per row (B,), so requests with
-different settings share one decode step. A row whose parameter is "off" (top_k == 0,
-top_p == 1, min_p == 0, penalty 1 / 0) passes through unchanged.
+The order is the one HF transformers and vLLM use: logit bias -> repetition penalty (CTRL,
+Keskar et al. 2019, eq. 1) -> frequency / presence penalties (OpenAI) -> temperature (T == 0
+means greedy argmax) -> top-k -> top-p (nucleus, Holtzman et al. 2020) -> min-p (Nguyen et al.
+2024) -> inverse-CDF sampling with the request's own torch.Generator; each function's docstring
+gives its formula and a worked example. Every function works on a batch (B, V) with one
+parameter per row (B,), so requests with different settings share one decode step; a row whose
+parameter is "off" (top_k == 0, top_p == 1, min_p == 0, penalty 1 / 0) passes through unchanged.
 
 Letters: B batch rows, V vocabulary size.
 """
