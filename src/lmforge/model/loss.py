@@ -1,21 +1,16 @@
 """The LM head and cross-entropy fused: the training loss without the (tokens x vocab) logits.
 
-`F.cross_entropy(h @ W^T, y)` keeps the logits, writes log-softmax (as large again), and in the
-backward fills a zero gradient, scatters into it and runs log-softmax's backward: many passes
-over tokens x vocab floats (67 MB for 2,048 tokens and a vocabulary of 8,192).
-`linear_cross_entropy` walks the tokens in chunks whose logits stay in cache, makes the softmax
-in place in five passes (max, subtract, exp, sum, scale) and, since the loss is the last
-operation of the graph, computes the gradients in the forward pass (as Liger-Kernel's fused
-linear cross-entropy does); head + loss forward and backward at that size: 335 ms instead of
-508 ms on 2 CPU cores:
+`F.cross_entropy(h @ W^T, y)` makes many passes over tokens x vocab floats (logits, log-softmax,
+a zero-filled gradient, a scatter). `linear_cross_entropy` walks the tokens in chunks whose
+logits stay in cache, makes the softmax in place in five passes and, since the loss is the last
+operation of the graph, computes the gradients in the forward (as Liger-Kernel's fused linear
+cross-entropy does); the backward only scales the stored dh and dW. Timings: docs/BENCHMARKS.md.
 
     logits_c = h_c W^T,  lse = logsumexp(logits_c),  loss += sum(lse - logits_c[y])
     dlogits_c = (softmax(logits_c) - onehot(y)) / n,  dh_c = dlogits_c W,  dW += dlogits_c^T h_c
 
-The backward then only scales the stored dh and dW by the incoming gradient. Same maths and
-the same matmuls as the plain loss (up to float summation order); targets of -100 are ignored.
-Under autocast the matmuls run in the autocast dtype and the softmax in fp32, like
-`F.cross_entropy(logits.float())`.
+Same maths as the plain loss (up to float summation order); targets of -100 are ignored. Under
+autocast the matmuls run in the autocast dtype and the softmax in fp32.
 """
 
 from __future__ import annotations
