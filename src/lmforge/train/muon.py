@@ -3,9 +3,9 @@ momentum whose update, for each 2-D weight matrix, is replaced by the nearest se
 matrix (U V^T of its SVD), computed with 5 Newton-Schulz iterations. Every direction of the update
 then has the same size, which lets small, rarely-updated directions learn as fast as dominant ones.
 
-torch.optim.Muon runs the iterations in bfloat16, which is fast on GPUs but ~10-40x slower than
-fp32 on CPUs without native bf16 matmul (this project's AVX2 EPYC); this version picks fp32 on
-CPU and bf16 on CUDA, and is otherwise the same algorithm (same coefficients, Nesterov momentum,
+torch.optim.Muon runs the iterations in bfloat16, which is fast on GPUs but far slower than fp32
+on CPUs without native bf16 matmul (docs/BENCHMARKS.md, *bf16 or fp32*); this version picks fp32
+on CPU and bf16 on CUDA, and is otherwise the same algorithm (same coefficients, Nesterov momentum,
 decoupled weight decay, the update scaled by sqrt(max(1, rows/cols)) as in the original; typical
 lr 0.02 while AdamW keeps ~1e-3 for the rest).
 """
@@ -56,8 +56,7 @@ class Muon(torch.optim.Optimizer):
         alike, gate/up F x C, down C x F, which is F x C transposed). Stacking the matrices of a
         shape, oriented short side first, runs the iterations as a few batched GEMMs instead of
         15 small ones per matrix: the same maths (each matrix is still orthogonalised on its
-        own); for a 4 x 192 model on 2 CPU cores the step went from 128 to 108 ms (what is left
-        is the iterations' FLOPs themselves)."""
+        own), and much faster on CPU (docs/BENCHMARKS.md)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
