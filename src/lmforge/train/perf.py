@@ -39,8 +39,8 @@ def bf16_autocast_is_faster(device: str = "cpu") -> bool:
     """True when a bf16 matmul beats fp32 by at least 1.3x here.
 
     On CUDA GPUs with bf16 support it always does. On CPUs it depends on native bf16 matmul
-    (AVX512-BF16 / AMX): this project's 2-core AMD EPYC (AVX2 only) measured bf16 at ~0.7
-    GFLOP/s against ~28 GFLOP/s for fp32, so `precision="auto"` picks fp32 there.
+    (AVX512-BF16 / AMX): on an AVX2-only CPU bf16 is emulated and many times slower
+    (docs/BENCHMARKS.md, *bf16 or fp32*), so `precision="auto"` picks fp32 there.
     """
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
