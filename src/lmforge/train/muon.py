@@ -56,7 +56,7 @@ class Muon(torch.optim.Optimizer):
         alike, gate/up F x C, down C x F, which is F x C transposed). Stacking the matrices of a
         shape, oriented short side first, runs the iterations as a few batched GEMMs instead of
         15 small ones per matrix: the same maths (each matrix is still orthogonalised on its
-        own), and much faster on CPU (docs/BENCHMARKS.md)."""
+        own), in less time (figures: docs/BENCHMARKS.md)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
