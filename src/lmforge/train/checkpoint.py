@@ -1,20 +1,14 @@
 """Checkpoints that make a resumed run the same run, written so a crash never leaves half of one.
 
-`run_dir/train_state/` holds everything needed to continue bit for bit:
-
-    model.safetensors        full (unsharded) fp32 weights
-    optimizer_{i}.safetensors + optimizer_{i}.json   each optimizer's tensors / its other fields
-    state.json               step, tokens seen, elapsed time, data-loader position, RNG states of
-                             python, numpy and torch (one set per rank), last validation figures
-
-The directory is written whole under a temporary name and renamed (`lmforge.io.atomic_dir`), so
-after a kill -9 at any instant either the previous or the new checkpoint is complete on disk.
-After it, `run_dir/model.safetensors` + `config.json` (what generate/chat/serve read) are
-refreshed, each atomically. Nothing goes through pickle: tensors in safetensors, the rest JSON.
-
-Sharded (FSDP2) and replicated (DDP) models go through torch.distributed.checkpoint's
-`get_*_state_dict(full_state_dict=True)`, which gathers full tensors keyed by parameter name, so
-a checkpoint does not depend on how many processes wrote it.
+`run_dir/train_state/` holds everything needed to continue bit for bit: the full fp32 weights
+(`model.safetensors`), each optimizer's tensors and other fields (`optimizer_{i}.safetensors` +
+`.json`) and `state.json` (step, tokens, elapsed time, loader position, RNG states of python,
+numpy and torch per rank, last validation figures). It is written whole under a temporary name
+and renamed (`lmforge.io.atomic_dir`): after a kill -9 at any instant either the previous or the
+new checkpoint is complete. Then `run_dir/model.safetensors` + `config.json` are refreshed, each
+atomically. No pickle: tensors in safetensors, the rest JSON. FSDP2 and DDP models go through
+torch.distributed.checkpoint's full state dicts keyed by parameter name, so a checkpoint does
+not depend on how many processes wrote it.
 """
 
 from __future__ import annotations
