@@ -1,19 +1,12 @@
 """Token shards on disk: flat little-endian uint16/uint32 arrays plus one JSON sidecar.
 
-Layout of a shards directory (written atomically as a whole by `write_shards`):
-
-    shards.json          sidecar: format, dtype, vocab_size, eos_id, tokenizer_hash, and per split
-                         the files, token count, byte count (UTF-8 bytes of the text the tokens
-                         decode to, for bits per byte) and number of documents
-    tokenizer.json       the tokenizer the shards were made with
-    token_bytes.u16      (vocab_size,) little-endian uint16: bytes each token decodes to, 0 for
-                         special tokens (so bits/byte counts text bytes only, as nanochat does)
-    train_000000.bin     tokens, documents each followed by eos_id
-    ...
-    val_000000.bin       the held-out tail of each input file (the last `val_fraction` of its
-                         bytes, cut at the token nearest that point, as nanoGPT splits Shakespeare)
-
-Reading never loads a shard: `ShardDataset` memory-maps the files.
+A shards directory (written atomically as a whole by `write_shards`) holds `shards.json` (dtype,
+vocab size, eos id, tokenizer hash, and per split its files, token, byte and document counts),
+the `tokenizer.json` it was made with, `token_bytes.u16` (UTF-8 bytes per token id, 0 for
+special tokens, so bits per byte count text bytes only, as nanochat does), `train_*.bin` (each
+document followed by eos_id) and `val_*.bin` (the last `val_fraction` of the bytes, cut at the
+nearest token, as nanoGPT splits Shakespeare). Reading never loads a shard: `ShardDataset`
+memory-maps the files. The format in full: docs/data.md.
 """
 
 from __future__ import annotations
