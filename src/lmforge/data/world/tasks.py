@@ -2,17 +2,11 @@
 
 Each `EvalItem` holds a prompt (a string for completion tasks, a message list for chat tasks),
 the exact expected answer, how to extract the answer from a model's output, and `score()`:
-
-    exact       the extracted answer equals `answer` character for character
-    normalised  equal after lower-casing, dropping quotes and end punctuation and collapsing spaces;
-                for system-prompt items: the instruction is followed and the key answer is present
-
-How each set is kept out of training text:
-    addition_2digit, arithmetic, arithmetic_cot, tool_use (calculator)  held-out operand pairs
-    translation_4shot, fewshot   the (last shot, query) adjacency never follows in training blocks
-    closed_book                  held-out (entity, attribute) questions on known entities
-    open_book, tool_use (search) unseen entities, whose names never occur in pretraining text
-    system_prompt                held-out facts and operand pairs under each kind of system prompt
+`exact` (the extracted answer equals `answer` character for character) and `normalised` (equal
+after lower-casing, dropping quotes and end punctuation and collapsing spaces; for system-prompt
+items, the instruction followed and the key answer present). Each set is kept out of training by
+held-out operand pairs, held-out (entity, attribute) questions, (last shot, query) adjacencies
+that never occur, or unseen entities; the rule of every set: docs/world.md.
 """
 
 from __future__ import annotations
