@@ -1,15 +1,12 @@
 """Prefix cache: reuse the keys and values of prompt prefixes seen before.
 
 A long system prompt, few-shot examples or a RAG context repeated across requests costs one
-prefill, not one per request. Prompts are cut into blocks of `block_tokens` tokens; block i of a
-prompt is stored under the key (key of block i-1, the block's token ids), so a key names the
-whole prefix up to the block's end exactly (no hashing, no collisions), like vLLM's automatic
-prefix caching. Keys and values depend only on the tokens before them (causal attention, RoPE
-angle = absolute position), so a stored prefix is valid for any prompt that starts with it.
-
-Memory is bounded by `max_bytes`: least recently used blocks are evicted first. A lookup
-touches a prefix's blocks from the last to the first, so a parent block is always more recent
-than its children and leaves are evicted before the blocks they hang from.
+prefill, not one per request. Block i of a prompt (`block_tokens` tokens) is stored under the key
+(key of block i-1, the block's token ids), so a key names the whole prefix exactly (no hashing,
+no collisions), like vLLM's automatic prefix caching; keys and values depend only on the tokens
+before them, so a stored prefix is valid for any prompt that starts with it. Memory is bounded
+by `max_bytes`, least recently used first; a lookup touches blocks last to first, so leaves are
+evicted before the blocks they hang from.
 
 Letters: N n_layer, K n_kv_head, P tokens, D head_dim.
 """
