@@ -5,15 +5,8 @@ model then scores all k guesses in ONE forward call of k+1 tokens (about the cos
 step on a CPU, where a step is bound by reading the weights, not by arithmetic). Guesses are
 accepted while they equal the target's own argmax; at the first mismatch the target's token is
 taken instead, and when all k match the target's next token comes free. So every round yields
-1..k+1 tokens, and the output is exactly what the target alone would produce greedily.
-
-Per round, for each row whose last token x0 goes to slot q (per-row positions: rows accept
-different numbers of tokens and drift apart):
-    draft:  [prev, x0] at slots [q-1, q] -> d1; then d_j at slot q+j -> d_{j+1}   (k calls)
-            (re-feeding prev catches the draft up when it accepted all k last round)
-    target: [x0, d1..dk] at slots q..q+k -> g0..gk; accept a = #leading d_j == g_{j-1};
-            emit d1..da, g_a. Slots past q+a hold rejected tokens; they are simply overwritten
-            later (the cache shows each query only slots <= its own position).
+1..k+1 tokens, and the output is exactly what the target alone would produce greedily (`_round`
+says which slots each call reads and writes).
 """
 
 from __future__ import annotations
@@ -41,7 +34,16 @@ def _prefill(model, cache: KVCache, ids: list[int], row: int, device) -> torch.T
 
 @torch.inference_mode()
 def _round(target, draft, ct: KVCache, cd: KVCache, rows: list[Row], k: int, device):
-    """One draft-then-verify round. Returns (accepted tokens per row, their log-probs, drafts used)."""
+    """One draft-then-verify round. Returns (accepted tokens per row, their log-probs, drafts used).
+
+    For each row whose last token x0 goes to slot q (per-row positions: rows accept different
+    numbers of tokens and drift apart):
+        draft:  [prev, x0] at slots [q-1, q] -> d1; then d_j at slot q+j -> d_{j+1}   (k calls)
+                (re-feeding prev catches the draft up when it accepted all k last round)
+        target: [x0, d1..dk] at slots q..q+k -> g0..gk; accept a = #leading d_j == g_{j-1};
+                emit d1..da, g_a. Slots past q+a hold rejected tokens; they are simply
+                overwritten later (the cache shows each query only slots <= its own position).
+    """
     B = len(rows)
     q = torch.tensor([row.n_tokens - 1 for row in rows], device=device)  # (B,) slot of x0
     x0 = torch.tensor([row.last_token for row in rows], device=device)  # (B,)
