@@ -1,18 +1,12 @@
 """Tokenizer files: HF `tokenizer.json` (save and load), GPT-2's `encoder.json` + `vocab.bpe`, and
-tiktoken rank files.
+tiktoken rank files, read into `TokenizerData` (ranks, pattern, special tokens).
 
 HF byte-level BPE stores tokens as strings in GPT-2's byte-to-unicode alphabet (every byte is
 mapped to a printable character, so b" the" is stored as "Ġthe"), a `merges` list in priority
-order, the split regex in a `Split` pre-tokenizer and special tokens as `added_tokens`. We write:
-
-    pre_tokenizer: Sequence[Split(our regex, "Isolated"), ByteLevel(use_regex=false)]
-    model:         BPE, vocab = our ranks, merges = merges_from_ranks(ranks), ignore_merges=true
-    decoder:       ByteLevel
-    added_tokens:  our special tokens (special=true, normalized=false)
-
-`ignore_merges=true` makes HF take a chunk that is itself a token whole, as tiktoken does.
-Loading requires the merges to be in id order (merge i produces a token with a larger id than
-merge i-1), which holds for GPT-2, Llama 3 and everything lmforge writes; then ranks = ids.
+order, the split regex in a `Split` pre-tokenizer and special tokens as `added_tokens`
+(`to_hf_json` says what we write). Loading requires the merges to be in id order (merge i makes
+a token with a larger id than merge i-1), which holds for GPT-2, Llama 3 and everything lmforge
+writes; then ranks = ids.
 """
 
 from __future__ import annotations
@@ -84,7 +78,15 @@ def _unicode_to_bytes() -> dict[str, int]:
 
 # ---- HF tokenizer.json ----------------------------------------------------------------------
 def to_hf_json(tok) -> dict:
-    """tok: a Tokenizer (or TokenizerData): its ranks, pattern and special_tokens as HF tokenizer.json."""
+    """tok: a Tokenizer (or TokenizerData): its ranks, pattern and special_tokens as HF tokenizer.json.
+
+        pre_tokenizer: Sequence[Split(our regex, "Isolated"), ByteLevel(use_regex=false)]
+        model:         BPE, vocab = our ranks, merges = merges_from_ranks(ranks), ignore_merges=true
+        decoder:       ByteLevel
+        added_tokens:  our special tokens (special=true, normalized=false)
+
+    `ignore_merges=true` makes HF take a chunk that is itself a token whole, as tiktoken does.
+    """
     vocab = {_to_unicode(token): i for token, i in sorted(tok.ranks.items(), key=lambda kv: kv[1])}
     merges = [[_to_unicode(a), _to_unicode(b)] for a, b in merges_from_ranks(tok.ranks)]
     added = [
