@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lmforge.data.chat_template import write_tokenizer_config
 from lmforge.data.loader import TokenLoader, eval_batches
 from lmforge.data.shards import ShardDataset
 from lmforge.io import atomic_write_json
@@ -217,6 +218,7 @@ def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bo
         atomic_write_json(out / CONFIG_NAME, run.to_dict())
         atomic_write_json(out / "resolved_config.json", resolved)
         tokenizer.save(out)
+        write_tokenizer_config(tokenizer, out, cfg.block_size)  # chat_template etc. for transformers
     log(resolved)
 
     evaluate = make_evaluate(val_ds, run.data.batch_size, seq_len, run.data.eval_windows, rank, world, device) if val_ds else None
