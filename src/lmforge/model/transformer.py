@@ -282,7 +282,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=self.gqa)
+            mask = step.mask if step is not None else None  # packed sequences: block-diagonal causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=self.gqa)
         else:
             ck, cv = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, K, S, D)
             if step.start is not None:  # every row writes the same slots: one slice copy
@@ -421,7 +422,7 @@ class Transformer(nn.Module):
     # ---- forward ----
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, logits_to_keep: int = 0,
-                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool = True, segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
         targets (B, T) long with -100 ignored: loss = mean cross-entropy (+ MoE auxiliary losses
@@ -431,6 +432,8 @@ class Transformer(nn.Module):
         rows (without a cache they change nothing else: attention stays causal over this call).
         logits_to_keep=n > 0: logits of the last n positions only, (B, n, V) (a prefill needs
         just the last; skips the head's matmul for the rest). Not allowed with targets.
+        segment_ids (B, T), no cache: packed sequences; a token attends only to earlier tokens of
+        its own segment (block-diagonal causal mask); pass positions restarting per segment too.
         """
         B, T = idx.shape
         step = None
@@ -440,6 +443,12 @@ class Transformer(nn.Module):
             start = step.start
         elif positions is not None:
             start = None
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed training sequences) cannot be combined with a KV cache")
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal  # (B, T, T)
+            step = _Step(None, None, None, T, mask[:, None], False)  # (B, 1, T, T), read by attention only
         if start is not None and start + T > self.config.block_size:
             raise ValueError(f"positions {start}..{start + T - 1} exceed block_size={self.config.block_size}")
 
