@@ -74,7 +74,7 @@ def plot_expert_load(metrics_jsonl: str | Path, png_path: str | Path) -> Path | 
     """Draw one heat map per MoE layer (x: step, y: expert, colour: load / (1/E), so 1.0 is a
     perfectly even share) with the layer's max/mean imbalance over time beneath; write `png_path`
     atomically and return it, or return None when the file has no expert load records."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

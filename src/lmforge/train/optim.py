@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from lmforge.train.muon import Muon
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[str]]:
@@ -33,8 +36,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], lis
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(p, DTensor)
 
 
@@ -68,8 +69,6 @@ def build_optimizers(model: nn.Module, name: str, lr: float, weight_decay: float
             (hidden if is_hidden else rest).append((pname, p))
         decay = [p for n, p in rest if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in rest if not (p.dim() >= 2 and "embed" not in n)]
-        from lmforge.train.muon import Muon
-
         muon = Muon([p for _, p in hidden], lr=muon_lr, weight_decay=weight_decay)
         adamw = _adamw([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr, betas, eps)
         optimizers = [muon, adamw]

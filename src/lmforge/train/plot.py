@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.io import atomic_path
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
@@ -22,12 +24,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
     """Write the loss curve of a run's metrics.jsonl to `png_path` (atomically)."""
-    import matplotlib
+    import matplotlib  # optional and slow to import: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lmforge.io import atomic_path
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and "event" not in r]

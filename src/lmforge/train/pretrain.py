@@ -12,6 +12,8 @@ nanochat does). For a byte-level vocabulary it equals nats/token / ln 2.
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -24,8 +26,15 @@ import torch.nn.functional as F
 from lmforge.data.chat_template import write_tokenizer_config
 from lmforge.data.loader import TokenLoader, eval_batches
 from lmforge.data.shards import ShardDataset
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_json
+from lmforge.model import ModelConfig, Transformer
+from lmforge.model.params import flops_per_token
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import find_checkpoint
 from lmforge.train.distributed import barrier, setup_distributed
+from lmforge.train.hooks import TrainHooks, moe_hooks
 from lmforge.train.loop import TrainConfig, train
 
 CONFIG_NAME = "train_config.json"
@@ -77,8 +86,6 @@ def apply_overrides(run: RunConfig, overrides: dict) -> RunConfig:
 
     A key none of them has raises ValueError listing the valid keys (`n_layrs=4` is not ignored).
     """
-    from lmforge.model import ModelConfig
-
     model_keys = {f.name for f in fields(ModelConfig)}
     train_keys = TrainConfig.field_names()
     data_keys = {f.name for f in fields(DataConfig)}
@@ -91,8 +98,6 @@ def apply_overrides(run: RunConfig, overrides: dict) -> RunConfig:
         elif key in data_keys:
             data_d[key] = value
         else:
-            import difflib
-
             close = difflib.get_close_matches(key, model_keys | train_keys | data_keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ValueError(f"--set {key}: unknown key{hint}; model keys: {', '.join(sorted(model_keys))}; "
@@ -141,9 +146,6 @@ def make_sample(tokenizer, prompt: str, max_new_tokens: int, world: int):
         raw = getattr(model, "_orig_mod", model)
         raw = getattr(raw, "module", raw)
         if world == 1:
-            from lmforge.infer.engine import Engine
-            from lmforge.infer.sampling import SamplingParams
-
             return Engine(raw, tokenizer).generate(prompt, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)).text
         device = next(raw.parameters()).device
         ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eos_id]], device=device)
@@ -165,17 +167,10 @@ def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bo
     `prepare_data(data_dir, world_data_size, tokenizer_vocab_size, seed, progress) -> shards dir`
     with data_dir = out/data (lmforge.pipeline.prepare_world_data; this layer cannot import it).
     """
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.model.params import flops_per_token
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import find_checkpoint
-
     log = log or (lambda msg: None)
     out = Path(out)
     rank, world, device = setup_distributed()
     if resume and (out / CONFIG_NAME).is_file():
-        import json
-
         run = apply_overrides(RunConfig.from_dict(json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))), resume_overrides or {})
     elif not resume and find_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds a run (train_state/); pass --resume to continue it or choose another --out")
@@ -224,8 +219,9 @@ def pretrain(run: RunConfig, out: str | Path, resume: bool = False, progress: bo
     evaluate = make_evaluate(val_ds, run.data.batch_size, seq_len, run.data.eval_windows, rank, world, device) if val_ds else None
     sample = make_sample(tokenizer, run.data.sample_prompt, run.data.sample_tokens, world) if run.data.sample_tokens else None
     run.train.progress = run.train.progress and progress
+    hooks = moe_hooks(model) if cfg.n_expert else TrainHooks()  # router biases, expert load, experts.png
     t0 = time.time()
     summary = train(model, pretrain_objective, loader, run.train, out, evaluate=evaluate, sample=sample, resume=resume,
-                    flops_per_token=flops_per_token(cfg, seq_len, training=True))
+                    flops_per_token=flops_per_token(cfg, seq_len, training=True), hooks=hooks)
     summary["wall_time"] = time.time() - t0
     return summary
