@@ -4,5 +4,5 @@
     from lmforge.train.pretrain import pretrain, RunConfig       # next-token prediction on shards
     loop.py (the loop) · optim.py, muon.py (AdamW groups, Muon) · schedule.py (warmup + cosine / WSD)
     checkpoint.py (atomic, bitwise-resumable) · distributed.py (torchrun: DDP / FSDP2) · perf.py (peak, bf16 check)
-    plot.py (loss.png) · expert_plot.py (experts.png, MoE)
+    hooks.py (TrainHooks, the MoE ones) · plot.py (loss.png) · expert_plot.py (experts.png, MoE)
 """
