@@ -25,6 +25,7 @@ COMMANDS = [
     "lmforge.cli.model",  # params
     "lmforge.cli.train",  # pretrain
     "lmforge.cli.infer",  # sample, generate, chat, quantize
+    "lmforge.cli.alignment",  # sft, lora merge (reward, dpo, ppo, grpo)
 ]
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from lmforge.cli import UserError, add_command
+from lmforge.cli.alignment import cmd_chat_show
 from lmforge.data.chat import render_chat
 from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
@@ -105,6 +106,10 @@ CHAT_HELP = "commands: /reset (forget the conversation), /system TEXT (set the s
 
 
 def cmd_chat(args) -> int:
+    if args.action == "show":
+        return cmd_chat_show(args)
+    if not args.run:
+        raise UserError("the following argument is required: --run")
     engine = _engine(args)
     tok = engine.tokenizer
     end_id = tok.special_tokens.get("<|end|>")
@@ -193,6 +198,11 @@ def register(subparsers) -> None:
                     description="Interactive chat with streaming answers. " + CHAT_HELP)
     p.add_argument("--system", help="system prompt")
     add_sampling_flags(p, max_new_tokens=256, temperature=0.7)
+    # `lmforge chat show --data FILE [--run DIR]`: a rendered example with its loss mask (lmforge.cli.alignment)
+    p.add_argument("action", nargs="?", choices=["show"], help="show: print --data's first conversation(s) rendered, supervised tokens in green")
+    p.add_argument("--data", help="chat show: JSONL of conversations")
+    p.add_argument("--n", type=int, default=1, help="chat show: how many conversations")
+    next(a for a in p._actions if a.dest == "run").required = False  # chat show may go without a model
 
     p = add_command(subparsers, "quantize", "write an int8 / int4 weight-quantized copy of a run directory", cmd_quantize)
     p.add_argument("--run", required=True, help="run directory to quantize")

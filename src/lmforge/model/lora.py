@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.io import atomic_dir, read_json
+from lmforge.io import atomic_path, atomic_write_json, read_json
 from lmforge.model.transformer import Linear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's names
@@ -115,7 +115,7 @@ def _our_name(name: str) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | Path, base: str | None = None) -> None:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout), atomically.
+    """Write path/adapter_model.safetensors + adapter_config.json (PEFT's layout), each atomically.
     `base`: the base model's directory, recorded as base_model_name_or_path."""
     config: LoRAConfig = model.lora_config
     tensors = {_peft_name(k): v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
@@ -125,11 +125,11 @@ def save_adapter(model: nn.Module, path: str | Path, base: str | None = None) ->
         "target_modules": list(config.targets), "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
     }
-    import json
-
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_json(path / ADAPTER_CONFIG, peft_config)
 
 
 def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, str | None]:

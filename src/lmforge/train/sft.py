@@ -1,0 +1,382 @@
+"""Supervised fine-tuning: next-token loss on what the assistant says, nothing else.
+
+    read_conversations(path) -> [messages]       `messages` JSONL (OpenAI/TRL, tool calls) or
+                                                 {prompt, completion} JSONL; errors name file:line
+    load_base(path) -> Base(model, tokenizer, render, end_id, hf)   an lmforge run or an HF checkpoint dir
+    tokenize(render, conversations) -> [(ids, mask)]
+    pack(examples, seq_len, pad_id) / pad_rows(...) -> rows   (idx, targets, positions, segment_ids)
+    SFTBatches(rows, batch_size, seed)           batch source with state_dict() (exact resume, DDP-sharded)
+    sft_objective(model, batch) -> (loss, metrics)
+    sft(base, out, SFTConfig, TrainConfig)       the stage: full or LoRA; writes a run directory
+
+Packing (on by default) lays short examples end to end in windows of seq_len tokens; a token
+attends only to its own example (segment_ids -> block-diagonal causal mask) and positions restart
+at 0 per example, so a packed example's logits equal the unpacked ones. The loss is the sum of the
+token losses over the *global* batch's supervised-token count, so N processes with B rows each
+take the same step as one process with N*B rows (DDP averages gradients over ranks).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from lmforge.data.chat_template import chat_renderer, write_tokenizer_config
+from lmforge.infer import load_run
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.io import atomic_write_json, read_jsonl
+from lmforge.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
+from lmforge.model.pretrained import save_pretrained
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import setup_distributed
+from lmforge.train.loop import TrainConfig, train
+
+IGNORE = -100
+
+
+@dataclass
+class SFTConfig:
+    data: tuple[str, ...] = field(default=(), metadata={"help": "JSONL files of conversations (messages or prompt/completion); empty: the world's chat/sft.jsonl + chat/tools.jsonl"})
+    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per training row (longer examples are cut)"})
+    batch_size: int = field(default=8, metadata={"help": "rows per process per micro-batch"})
+    packing: bool = field(default=True, metadata={"help": "pack short examples into full rows (no attention across examples)"})
+    eval_examples: int = field(default=64, metadata={"help": "held-out conversations (loss and end-of-turn rate)"})
+    eot_max_tokens: int = field(default=96, metadata={"help": "greedy tokens per held-out answer for the end-of-turn rate"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling alpha/rank)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={"help": "Linear names LoRA wraps"})
+
+
+# defaults of the loop's settings for SFT where pretraining's do not fit (the CLI's flags override them)
+SFT_TRAIN_DEFAULTS = {"max_steps": 200, "lr": 1e-4, "warmup_steps": 10, "min_lr_ratio": 0.0, "eval_interval": 100,
+                      "ckpt_interval": 100, "weight_decay": 0.0}
+
+
+# ---- data ----
+
+def _as_messages(value, role: str, where: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        return value
+    raise ValueError(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """`{"messages": [...]}` or `{"prompt": ..., "completion": ...}` lines (strings or message
+    lists) -> conversations; each must end with an assistant turn (what SFT trains on)."""
+    out = []
+    for lineno, record in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "messages" in record:
+            messages = _as_messages(record["messages"], "user", f"{where}: field 'messages'")
+        elif "prompt" in record and "completion" in record:
+            messages = (_as_messages(record["prompt"], "user", f"{where}: field 'prompt'")
+                        + _as_messages(record["completion"], "assistant", f"{where}: field 'completion'"))
+        else:
+            raise ValueError(f"{where}: expected a 'messages' field or 'prompt' and 'completion' fields (found: {', '.join(record) or 'none'})")
+        if not messages or messages[-1].get("role") != "assistant":
+            last = messages[-1].get("role") if messages else "no"
+            raise ValueError(f"{where}: the conversation ends with {last!r} turn; SFT needs it to end with the assistant's reply")
+        out.append(messages)
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
+def tokenize(render: Callable, conversations: list[list[dict]], sources: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """Each conversation -> (ids, loss mask); a rendering error names its conversation."""
+    examples = []
+    for i, messages in enumerate(conversations):
+        try:
+            examples.append(render(messages))
+        except ValueError as e:
+            raise ValueError(f"{sources[i] if sources else f'conversation {i}'}: {e}") from None
+    return examples
+
+
+def _pairs(example, seq_len: int) -> tuple[list[int], list[int]]:
+    """(ids, mask) -> (inputs, targets) shifted by one, cut to seq_len; unsupervised targets = -100."""
+    ids, mask = example
+    inputs = ids[:-1][:seq_len]
+    targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])][:seq_len]
+    return inputs, targets
+
+
+def pack(examples, seq_len: int, pad_id: int) -> list[dict]:
+    """Examples end to end in rows of seq_len tokens (first fit, in order); a row holds whole
+    examples only. Each row: idx, targets, positions (restarting per example), segment_ids
+    (example index in the row; padding gets its own)."""
+    rows, current = [], []
+
+    def flush():
+        if current:
+            idx, tgt, pos, seg = [], [], [], []
+            for s, (inp, t) in enumerate(current):
+                idx += inp
+                tgt += t
+                pos += list(range(len(inp)))
+                seg += [s] * len(inp)
+            n_pad = seq_len - len(idx)
+            rows.append({"idx": idx + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad,
+                         "positions": pos + [0] * n_pad, "segment_ids": seg + [len(current)] * n_pad})
+            current.clear()
+
+    used = 0
+    for ex in examples:
+        inp, tgt = _pairs(ex, seq_len)
+        if used + len(inp) > seq_len:
+            flush()
+            used = 0
+        current.append((inp, tgt))
+        used += len(inp)
+    flush()
+    return rows
+
+
+def pad_rows(examples, seq_len: int, pad_id: int) -> list[dict]:
+    """One example per row, right-padded to seq_len (no packing)."""
+    rows = []
+    for ex in examples:
+        inp, tgt = _pairs(ex, seq_len)
+        n_pad = seq_len - len(inp)
+        rows.append({"idx": inp + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad})
+    return rows
+
+
+def collate(rows: list[dict], n_global: int, world: int, device) -> dict:
+    """Rows -> tensors (B, T); `norm` = supervised tokens in the global batch / world size."""
+    batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0]}
+    batch["norm"] = max(n_global, 1) / world
+    return batch
+
+
+class SFTBatches:
+    """Endless batches of rows, reshuffled each epoch (seeded); under DDP rank r takes rows
+    [r*B, (r+1)*B) of each global batch of world*B rows. state_dict(): (epoch, position)."""
+
+    def __init__(self, rows: list[dict], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, device="cpu"):
+        if not rows:
+            raise ValueError("no training rows")
+        self.rows, self.batch_size, self.seed, self.rank, self.world, self.device = rows, batch_size, seed, rank, world, device
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        n = self.batch_size * self.world
+        picked = []
+        while len(picked) < n:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            picked.append(self._order[self.position])
+            self.position += 1
+        rows = [self.rows[i] for i in picked]
+        n_global = sum(t != IGNORE for r in rows for t in r["targets"])
+        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate(mine, n_global, self.world, self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
+
+
+def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Sum of the supervised tokens' cross-entropy / (global supervised tokens / world)."""
+    targets = batch["targets"]
+    n_local = int((targets != IGNORE).sum())
+    if n_local == 0:  # every target of this rank's rows was cut away: a zero loss that still touches every weight
+        _, loss = model(batch["idx"], targets=batch["idx"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                        return_logits=False)
+        return loss * 0.0, {"n_tokens": 0}
+    _, mean = model(batch["idx"], targets=targets, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                    return_logits=False)
+    return mean * (n_local / batch["norm"]), {"n_tokens": n_local, "sft_loss": mean.detach()}
+
+
+# ---- the base model ----
+
+@dataclass
+class Base:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    render: Callable  # messages, add_generation_prompt=False -> (ids, mask)
+    end_id: int  # the assistant's end-of-turn token
+    hf: bool  # a Hugging Face checkpoint directory (its own chat template)
+    path: Path
+
+
+def load_base(path: str | Path, device="cpu") -> Base:
+    """An lmforge run directory or a local HF checkpoint directory (config.json with model_type,
+    safetensors, tokenizer.json, tokenizer_config.json with a chat_template)."""
+    from lmforge.io import read_json
+    from lmforge.model.hf import load_hf_checkpoint
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(2, "config.json missing (not a run or HF checkpoint directory)", str(path / "config.json"))
+    hf = "model_type" in read_json(path / "config.json")
+    if hf:
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(2, "tokenizer.json missing in HF checkpoint directory", str(path / "tokenizer.json"))
+        tokenizer = Tokenizer.load(path / "tokenizer.json")
+        model = load_hf_checkpoint(path, device=device)
+    else:
+        model, tokenizer = load_run(path, device=device)
+    render = chat_renderer(path, tokenizer)
+    if hf:
+        tok_config = read_json(path / "tokenizer_config.json")
+        eos = tok_config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        end_id = tokenizer.special_tokens.get(eos, tokenizer.eos_id)
+    else:
+        end_id = tokenizer.special_tokens.get("<|end|>")
+    if end_id is None:
+        raise ValueError(f"{path}: the tokenizer has no end-of-turn token (<|end|>, or tokenizer_config.json's eos_token)")
+    return Base(model.float(), tokenizer, render, end_id, hf, path)
+
+
+# ---- evaluation ----
+
+def heldout_loss(model, rows: list[dict], batch_size: int, device) -> float:
+    """Mean cross-entropy over the held-out rows' supervised tokens."""
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size], 1, 1, device)
+        n = int((batch["targets"] != IGNORE).sum())
+        if n:
+            _, mean = model(batch["idx"], targets=batch["targets"], positions=batch.get("positions"),
+                            segment_ids=batch.get("segment_ids"), return_logits=False)
+            total, count = total + mean.item() * n, count + n
+    return total / max(count, 1)
+
+
+def end_of_turn_rate(model, base: Base, conversations: list[list[dict]], max_new_tokens: int) -> dict:
+    """Greedy answers to held-out prompts (each conversation minus its last assistant turn): the
+    share that end with the end-of-turn token before max_new_tokens, and the answers."""
+    raw = getattr(model, "module", model)
+    if getattr(raw, "lora_config", None) is not None:  # the engine's fast paths read plain Linear weights
+        raw = merge_lora(copy.deepcopy(raw))
+    engine = Engine(raw.eval(), base.tokenizer)
+    prompts = [base.render(c[:-1], add_generation_prompt=True)[0] for c in conversations]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[base.end_id])
+    out = engine.generate(prompts, params)
+    ended = [c.finish_reason == "stop" for c in out]
+    return {"eot_rate": sum(ended) / max(len(ended), 1),
+            "answers": [{"prompt": c[-2].get("content"), "reference": c[-1].get("content"), "answer": o.text}
+                        for c, o in zip(conversations, out)]}
+
+
+# ---- the stage ----
+
+def default_data(world_dir: Path, seed: int = 0) -> list[Path]:
+    """The world's chat/sft.jsonl + chat/tools.jsonl, generated (small) when absent."""
+    files = [world_dir / "chat" / "sft.jsonl", world_dir / "chat" / "tools.jsonl"]
+    if not all(f.is_file() for f in files):
+        from lmforge.data.world import generate
+
+        generate(world_dir, size="1MB", seed=seed, progress=False)
+    return files
+
+
+def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None, train_config: TrainConfig | None = None,
+        resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Fine-tune the model in `base_path` on conversations; write the run directory `out`.
+
+    Full fine-tuning writes model.safetensors; LoRA (config.lora_rank > 0) also writes
+    adapter_model.safetensors + adapter_config.json (base_model_name_or_path = base_path), and
+    model.safetensors holds the merged weights so generate/chat/serve read the run as any other.
+    """
+    config = config or SFTConfig()
+    train_config = train_config or TrainConfig(**SFT_TRAIN_DEFAULTS)
+    out = Path(out)
+    rank, world, device = setup_distributed()
+    base = load_base(base_path, device=device)
+    if config.seq_len > base.model.config.block_size:
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's block_size={base.model.config.block_size}")
+
+    files = [Path(p) for p in config.data] or default_data(Path(config.world_dir) if config.world_dir else out / "world", train_config.seed)
+    conversations, sources = [], []
+    for f in files:
+        convs = read_conversations(f)
+        conversations += convs
+        sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
+    g = torch.Generator().manual_seed(train_config.seed)
+    order = torch.randperm(len(conversations), generator=g).tolist()
+    n_eval = min(config.eval_examples, len(conversations) // 10)
+    heldout = [conversations[i] for i in order[:n_eval]]
+    train_convs = [conversations[i] for i in order[n_eval:]]
+    train_sources = [sources[i] for i in order[n_eval:]]
+    examples = tokenize(base.render, train_convs, train_sources)
+    eval_examples = tokenize(base.render, heldout)
+    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
+    make_rows = pack if config.packing else pad_rows
+    rows, eval_rows = make_rows(examples, config.seq_len, pad_id), make_rows(eval_examples, config.seq_len, pad_id)
+
+    model = base.model
+    if config.lora_rank:
+        apply_lora(model, LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
+    data = SFTBatches(rows, config.batch_size, seed=train_config.seed, rank=rank, world=world, device=device)
+    resolved = {"base": str(base_path), "hf_base": base.hf, "sft": asdict(config), "train": asdict(train_config),
+                "data": [str(f) for f in files], "train_examples": len(examples), "heldout": len(heldout),
+                "rows": len(rows), "world_size": world,
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "sft_config.json", resolved)
+        _write_tokenizer_files(base, out)
+    log(json.dumps(resolved))
+
+    def evaluate(m):
+        return {"heldout_loss": heldout_loss(m, eval_rows, config.batch_size, device)} if eval_rows else {}
+
+    train_config.progress = train_config.progress and progress
+    t0 = time.time()
+    summary = train(model, sft_objective, data, train_config, out, evaluate=evaluate, resume=resume)
+    summary["wall_time"] = time.time() - t0
+    model.eval()
+    if heldout:
+        with torch.no_grad():
+            eot = end_of_turn_rate(model, base, heldout, config.eot_max_tokens)
+        summary["eot_rate"] = eot["eot_rate"]
+    if rank == 0:
+        if config.lora_rank:
+            save_adapter(model, out, base=str(Path(base_path).resolve()))
+            save_pretrained(merge_lora(copy.deepcopy(model)), out)  # the run dir's weights: merged
+        if heldout:
+            atomic_write_json(out / "sft_eval.json", {"heldout_loss": summary.get("heldout_loss"), **eot})
+        atomic_write_json(out / "summary.json", summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def _write_tokenizer_files(base: Base, out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json: lmforge's template, or the HF base's own files."""
+    if base.hf:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            if (base.path / name).is_file():
+                (out / name).write_bytes((base.path / name).read_bytes())
+    else:
+        base.tokenizer.save(out)
+        write_tokenizer_config(base.tokenizer, out, base.model.config.block_size)
