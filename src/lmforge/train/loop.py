@@ -186,9 +186,11 @@ class TrainProgress:
     steps go in the postfix; without, it counts steps."""
 
     def __init__(self, config: TrainConfig, step: int, elapsed: float, enabled: bool):
+        self.by_time = config.max_time is not None
+        if self.by_time:
+            elapsed = min(elapsed, config.max_time)  # a resumed run may have used its budget already
         self.config, self.step, self.seconds = config, step, elapsed
         self.start_step, self.start_seconds = step, elapsed
-        self.by_time = config.max_time is not None
         self.postfix = ""
         if self.by_time:
             self.bar = tqdm(total=config.max_time, initial=elapsed, disable=not enabled, dynamic_ncols=True, desc="train",
