@@ -196,3 +196,33 @@ def test_ddp_two_processes_match_one(base, tmp_path):
     assert len(one) == len(two) == 5 and one[-1] < one[0]
     for x, y in zip(one, two):
         assert abs(x - y) <= 1e-4 * abs(x), (one, two)
+
+
+def test_sft_from_hf_checkpoint_keeps_its_template(tmp_path, convs):
+    """A tiny random Qwen2 HF directory with a ChatML template: SFT trains on its own rendering
+    (mask from prefixes), and the run directory keeps that template."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.data.chat_template import chat_renderer
+
+    hf_dir = tmp_path / "qwen"
+    text = "\n".join(m["content"] or "" for c in convs for m in c) + " system user assistant"
+    qwen_split = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    tok = train_tokenizer(text, vocab_size=400, pattern=qwen_split, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], workers=1)
+    tok.save(hf_dir)
+    template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+                                                             "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(hf_dir))
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs[:60]), encoding="utf-8")  # no tool calls
+    out = tmp_path / "out"
+    s = sft(hf_dir, out, _sft_config(data), _train_config(3), progress=False, log=lambda x: None)
+    assert "eot_rate" in s
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    model, tok2 = load_run(out)
+    ids, mask = chat_renderer(out, tok2)(convs[0])
+    assert tok.special_tokens["<|im_end|>"] in [t for t, m in zip(ids, mask) if m]
