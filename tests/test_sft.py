@@ -168,6 +168,7 @@ def test_lora_unknown_target_is_an_error(base, tmp_path):
     run, data, _ = base
     with pytest.raises(ValueError, match=r"LoRA targets \['attn'\] match no Linear module; available:"):
         sft(run, tmp_path / "x", _sft_config(data, lora_rank=2, lora_targets=("attn",)), _train_config(1), progress=False, log=lambda x: None)
+    assert not (tmp_path / "x").exists()  # nothing written half
 
 
 def _launch(args, tmp_path, nproc=None):
