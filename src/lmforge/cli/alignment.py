@@ -18,14 +18,19 @@ from pathlib import Path
 from lmforge.cli import UserError, add_command
 from lmforge.cli.config_flags import add_config_flags, given
 from lmforge.cli.train import add_train_flags, parse_duration
+from lmforge.data.chat import show_mask
+from lmforge.data.chat_template import CHAT_TEMPLATE, chat_renderer, render_text
+from lmforge.model.hf import save_hf_checkpoint
+from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
+from lmforge.model.pretrained import save_pretrained
+from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import TrainConfig
+from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_conversations, sft, write_tokenizer_files
 
 
 # ---- sft ----
 
 def _register_sft(subparsers) -> None:
-    from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig
-
     defaults = ", ".join(f"{k}={v}" for k, v in SFT_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "sft", "supervised fine-tuning on conversations (full or LoRA)", cmd_sft,
                     description="Fine-tune a base model (an lmforge run or a local HF checkpoint directory) on "
@@ -40,8 +45,6 @@ def _register_sft(subparsers) -> None:
 
 
 def cmd_sft(args) -> int:
-    from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, sft
-
     train_args = given(args, TrainConfig)
     if "max_time" in train_args:
         train_args["max_time"] = parse_duration(train_args["max_time"])
@@ -65,11 +68,6 @@ def _register_lora(subparsers) -> None:
 
 
 def cmd_lora_merge(args) -> int:
-    from lmforge.model.hf import save_hf_checkpoint
-    from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
-    from lmforge.model.pretrained import save_pretrained
-    from lmforge.train.sft import _write_tokenizer_files, load_base
-
     _, base_path = read_adapter_config(args.run)
     base_path = args.base or base_path
     if not base_path:
@@ -81,7 +79,7 @@ def cmd_lora_merge(args) -> int:
         save_hf_checkpoint(model, out)
     else:
         save_pretrained(model, out)
-    _write_tokenizer_files(base, out)
+    write_tokenizer_files(base, out)
     print(f"merged {args.run} into {base_path} -> {out}")
     return 0
 
@@ -90,11 +88,6 @@ def cmd_lora_merge(args) -> int:
 
 def cmd_chat_show(args) -> int:
     """Print the first conversation(s) of --data rendered with the run's template, mask coloured."""
-    from lmforge.data.chat import show_mask
-    from lmforge.data.chat_template import CHAT_TEMPLATE, chat_renderer, render_text
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train.sft import read_conversations
-
     if not args.data:
         raise UserError("chat show needs --data FILE (JSONL of conversations)")
     if not args.run:  # no tokenizer: lmforge's template as text, the supervised spans in green

@@ -32,7 +32,9 @@ from lmforge.data.chat_template import chat_renderer, write_tokenizer_config
 from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.io import atomic_write_json, read_jsonl
+from lmforge.data.world import generate
+from lmforge.io import atomic_write_json, read_json, read_jsonl
+from lmforge.model.hf import load_hf_checkpoint
 from lmforge.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from lmforge.model.pretrained import save_pretrained
 from lmforge.tokenizer import Tokenizer
@@ -229,9 +231,6 @@ class Base:
 def load_base(path: str | Path, device="cpu") -> Base:
     """An lmforge run directory or a local HF checkpoint directory (config.json with model_type,
     safetensors, tokenizer.json, tokenizer_config.json with a chat_template)."""
-    from lmforge.io import read_json
-    from lmforge.model.hf import load_hf_checkpoint
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(2, "config.json missing (not a run or HF checkpoint directory)", str(path / "config.json"))
@@ -293,8 +292,6 @@ def default_data(world_dir: Path, seed: int = 0) -> list[Path]:
     """The world's chat/sft.jsonl + chat/tools.jsonl, generated (small) when absent."""
     files = [world_dir / "chat" / "sft.jsonl", world_dir / "chat" / "tools.jsonl"]
     if not all(f.is_file() for f in files):
-        from lmforge.data.world import generate
-
         generate(world_dir, size="1MB", seed=seed, progress=False)
     return files
 
@@ -344,7 +341,7 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "sft_config.json", resolved)
-        _write_tokenizer_files(base, out)
+        write_tokenizer_files(base, out)
     log(json.dumps(resolved))
 
     def evaluate(m):
@@ -371,7 +368,7 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     return summary
 
 
-def _write_tokenizer_files(base: Base, out: Path) -> None:
+def write_tokenizer_files(base: Base, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json: lmforge's template, or the HF base's own files."""
     if base.hf:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
