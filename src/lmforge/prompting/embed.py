@@ -1,0 +1,94 @@
+"""A built-in text embedder that needs no download: hashed character n-gram TF-IDF.
+
+Each text is lowercased, runs of whitespace become one space, and every character n-gram
+(n in `ngrams`, over UTF-8 bytes) is hashed into one of `dim` buckets; the vector is the
+sublinear term frequency log(1 + count) per bucket. The IDF weights depend on the whole
+collection, which changes with every re-index, so the index stores the raw TF vectors and the
+bucket document frequencies, and `tfidf_scores` applies IDF at query time: an exact TF-IDF
+cosine whatever was added or removed since (Salton & Buckley 1988; the hashing trick,
+Weinberger et al. 2009). Character n-grams match invented names and inflections that a word
+vocabulary would miss ("Brarken" ~ "Brarken's").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+_SPACES = re.compile(r"\s+")
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads the polynomial hash over 64 bits
+
+
+@dataclass(frozen=True)
+class NgramEmbedder:
+    """Hashed character n-gram term frequencies; `name` and fields are stored in the index so a
+    query is embedded exactly as the chunks were."""
+
+    dim: int = 1024
+    ngrams: tuple[int, ...] = (3, 4, 5)
+    name: str = "ngram-tfidf"
+
+    def __post_init__(self):
+        if self.dim < 16:
+            raise ValueError(f"embedding dim={self.dim} must be >= 16")
+        if not self.ngrams or min(self.ngrams) < 1:
+            raise ValueError(f"ngrams={self.ngrams} must be lengths >= 1")
+
+    def config(self) -> dict:
+        return {"name": self.name, "dim": self.dim, "ngrams": list(self.ngrams)}
+
+    def term_frequencies(self, text: str) -> np.ndarray:
+        """(dim,) float32 log(1 + count) of the hashed n-grams of `text`.
+
+        "ab" with ngrams=(1,) -> buckets of " ", "a", "b" (padded with a space each side) get log 2.
+        """
+        data = np.frombuffer((" " + _SPACES.sub(" ", text.lower()).strip() + " ").encode("utf-8"), dtype=np.uint8)
+        counts = np.zeros(self.dim, dtype=np.float64)
+        b = data.astype(np.uint64)
+        for n in self.ngrams:
+            if len(b) < n:
+                continue
+            h = np.zeros(len(b) - n + 1, dtype=np.uint64)
+            for j in range(n):  # polynomial hash of each window, base 257 (wraps mod 2**64)
+                h = h * np.uint64(257) + b[j : len(b) - n + 1 + j]
+            h = (h + np.uint64(n)) * _MIX  # the length in the hash: "ab" as 2-gram != any 3-gram
+            counts += np.bincount((h >> np.uint64(40)) % np.uint64(self.dim), minlength=self.dim)
+        return np.log1p(counts).astype(np.float32)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32 term-frequency rows."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            out[i] = self.term_frequencies(t)
+        return out
+
+
+def embedder_from_config(config: dict) -> NgramEmbedder:
+    """The embedder an index was built with (its stored config)."""
+    if config.get("name") != "ngram-tfidf":
+        raise ValueError(f"unknown embedder {config.get('name')!r} in the index (this lmforge knows: ngram-tfidf)")
+    return NgramEmbedder(dim=int(config["dim"]), ngrams=tuple(int(n) for n in config["ngrams"]))
+
+
+def idf_weights(df: np.ndarray, n_chunks: int) -> np.ndarray:
+    """Smoothed IDF per bucket: log((1 + N) / (1 + df)) + 1 (scikit-learn's smooth_idf)."""
+    return (np.log((1.0 + n_chunks) / (1.0 + df)) + 1.0).astype(np.float32)
+
+
+def tfidf_scores(query_tf: np.ndarray, matrix: np.ndarray, row_norms: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """Cosine similarity of the query with every row under IDF weighting, in [0, 1].
+
+    cos(q*idf, d*idf) = sum_j q_j d_j idf_j^2 / (|q*idf| |d*idf|); row_norms = |d*idf| per row.
+    """
+    q = query_tf * idf
+    qn = float(np.linalg.norm(q))
+    if qn == 0.0:
+        return np.zeros(matrix.shape[0], dtype=np.float32)
+    return (matrix @ (q * idf)) / (row_norms * qn)  # (n_chunks,)
+
+
+def row_norms(matrix: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """|d * idf| for each row of matrix (n, dim), never 0 (an empty row scores 0, not NaN)."""
+    return np.maximum(np.sqrt((matrix * matrix) @ (idf * idf)), 1e-12).astype(np.float32)

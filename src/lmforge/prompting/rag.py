@@ -1,0 +1,552 @@
+"""Retrieval-augmented generation on one SQLite file: index, search, grounded answers.
+
+    stats = index("docs.db", ["notes/", "world/rag/documents.jsonl"])   # incremental, transactional
+    hits = search("docs.db", "How long is the Brarken river?", k=5)      # hybrid BM25 + vectors
+    answer = ask(engine, "docs.db", "How long is the Brarken river?")    # answer.text, answer.citations
+
+The database holds (schema version in `meta`):
+    meta(key, value)                 format marker, version, chunking and embedder config, IDF counts
+    documents(id, doc_id, path, title, hash)   one row per document; hash = sha256 of title + text
+    chunks(id, document, position, text, n_tokens)
+    chunks_fts                       FTS5 over chunk text (rowid = chunks.id), ranked by BM25
+    embeddings(chunk, vector)        float32 term-frequency vectors (embed.py), IDF applied at query time
+Every index run is one transaction: a crash or Ctrl-C leaves the previous index as it was.
+Hybrid retrieval fuses the BM25 and vector rankings by reciprocal rank fusion (Cormack et al.
+2009): score = sum over rankings of 1 / (RRF_K + rank).
+
+When the best hit's BM25 score is below `threshold` (DEFAULT_THRESHOLD, measured on the
+world, see docs/prompting.md), `ask` answers NO_ANSWER without calling the model: a question
+about something no document names matches only common words, which BM25 weighs little.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from lmforge.prompting.embed import NgramEmbedder, embedder_from_config, idf_weights, row_norms, tfidf_scores
+
+FORMAT = "lmforge-rag"
+VERSION = 1
+SUFFIXES = (".txt", ".md", ".jsonl")
+RRF_K = 60
+DEFAULT_THRESHOLD = 4.8  # BM25 of the best hit; tuned on the world (docs/prompting.md)
+NO_ANSWER = "The documents do not contain the answer."
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+_WORD = re.compile(r"\w+|[^\w\s]")
+_QUERY_TERM = re.compile(r"\w+")
+
+SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value);
+CREATE TABLE documents(id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, path TEXT NOT NULL, title TEXT NOT NULL,
+                       hash TEXT NOT NULL, UNIQUE(path, doc_id));
+CREATE TABLE chunks(id INTEGER PRIMARY KEY, document INTEGER NOT NULL REFERENCES documents(id), position INTEGER NOT NULL,
+                    text TEXT NOT NULL, n_tokens INTEGER NOT NULL);
+CREATE INDEX chunks_document ON chunks(document);
+CREATE VIRTUAL TABLE chunks_fts USING fts5(text, tokenize='unicode61');
+CREATE TABLE embeddings(chunk INTEGER PRIMARY KEY, vector BLOB NOT NULL);
+"""
+
+
+# ---- documents and chunks ----
+@dataclass
+class Document:
+    doc_id: str
+    path: str
+    title: str
+    text: str
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(f"{self.title}\0{self.text}".encode("utf-8")).hexdigest()
+
+
+def find_document_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Files to index: .txt, .md, .jsonl given or found (recursively, sorted) in directories;
+    names starting with '.' or '_' are skipped in directories."""
+    files = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES
+                            and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
+        elif p.is_file():
+            if p.suffix not in SUFFIXES:
+                raise ValueError(f"{p}: cannot index {p.suffix or 'a file without suffix'} files (use {', '.join(SUFFIXES)})")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return files
+
+
+def read_documents(path: Path) -> list[Document]:
+    """A .jsonl file: one document per line ({"text"}, optional "title" and "id"); a .txt/.md file:
+    one document, titled by its first markdown heading or its file name."""
+    try:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.suffix != ".jsonl":
+        heading = re.search(r"^#+\s+(.+)$", raw, flags=re.M)
+        return [Document(path.name, str(path), heading.group(1).strip() if heading else path.stem, raw)] if raw.strip() else []
+    docs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{n}: no string field 'text' (found: {found})")
+        doc_id = str(record.get("id", f"line-{n}"))
+        title = str(record.get("title") or doc_id)
+        if record["text"].strip():
+            docs.append(Document(doc_id, str(path), title, record["text"]))
+    return docs
+
+
+def count_tokens_words(text: str) -> int:
+    """Tokens as words and punctuation marks: "Hi, you." -> 4 (a tokenizer-free default)."""
+    return len(_WORD.findall(text))
+
+
+def chunk_text(text: str, max_tokens: int = 200, overlap: int = 40,
+               count_tokens: Callable[[str], int] = count_tokens_words) -> list[str]:
+    """Split text into chunks of at most `max_tokens` tokens, breaking on sentence boundaries;
+    each chunk starts with the last sentences of the previous one, up to `overlap` tokens.
+    A sentence longer than max_tokens is cut between words.
+
+    "A b. C d. E f." with max_tokens=6, overlap=3 -> ["A b. C d.", "C d. E f."]
+    """
+    if max_tokens < 1 or not 0 <= overlap < max_tokens:
+        raise ValueError(f"chunking needs max_tokens >= 1 and 0 <= overlap < max_tokens (got {max_tokens}, {overlap})")
+    sentences = []
+    for s in (s.strip() for s in _SENTENCE_END.split(text)):
+        if not s:
+            continue
+        if count_tokens(s) <= max_tokens:
+            sentences.append(s)
+            continue
+        words, piece = s.split(), []
+        for w in words:  # a long sentence: cut between words
+            if piece and count_tokens(" ".join(piece + [w])) > max_tokens:
+                sentences.append(" ".join(piece))
+                piece = []
+            piece.append(w)
+        if piece:
+            sentences.append(" ".join(piece))
+    sizes = [count_tokens(s) for s in sentences]
+    chunks, i = [], 0
+    while i < len(sentences):
+        j, total = i, 0
+        while j < len(sentences) and (j == i or total + sizes[j] <= max_tokens):
+            total += sizes[j]
+            j += 1
+        chunks.append(" ".join(sentences[i:j]))
+        if j >= len(sentences):
+            break
+        back, carried = j, 0  # the next chunk repeats the tail of this one, at most `overlap` tokens
+        while back - 1 > i and carried + sizes[back - 1] <= overlap:
+            back -= 1
+            carried += sizes[back]
+        i = back
+    return chunks
+
+
+# ---- the database ----
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None)  # explicit BEGIN/COMMIT below
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def _check_index(conn: sqlite3.Connection, path: Path) -> dict:
+    """The stored config, or ValueError when `path` is not an lmforge index of this version."""
+    try:
+        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('format', 'version', 'config')").fetchall())
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{path}: not an lmforge RAG index ({e}); build one with `lmforge rag index --docs ... --db {path}`") from None
+    if rows.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an lmforge RAG index (no '{FORMAT}' marker in its meta table)")
+    if int(rows.get("version", -1)) != VERSION:
+        raise ValueError(f"{path}: lmforge RAG index version {rows.get('version')}, this lmforge reads version {VERSION}; re-index into a new file")
+    return json.loads(rows["config"])
+
+
+def open_index(path: str | Path) -> tuple[sqlite3.Connection, dict]:
+    """(connection, config) of an existing index."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such index file (build it with `lmforge rag index --docs ... --db {path}`)")
+    conn = _connect(path)
+    try:
+        return conn, _check_index(conn, path)
+    except Exception:
+        conn.close()
+        raise
+
+
+@dataclass
+class IndexStats:
+    documents: int  # in the index after this run
+    chunks: int
+    added: int  # documents new in this run
+    updated: int  # documents whose content changed (re-chunked)
+    removed: int  # documents no longer found
+    unchanged: int
+
+
+def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, overlap: int = 40,
+          embedder: NgramEmbedder | None = None, count_tokens: Callable[[str], int] = count_tokens_words,
+          progress: bool = False, callback: Callable[[int, int], None] | None = None) -> IndexStats:
+    """Index documents into the SQLite file `db` (created when absent), incrementally.
+
+    A document whose (path, id) is stored with the same content hash is kept; a changed one is
+    re-chunked; a stored document of a file under `paths` that no longer holds it (or no longer
+    exists) is removed. Documents of other paths stay. The whole run is one transaction.
+    callback(done, total) is called after each document (progress for callers that draw their own).
+    """
+    db = Path(db)
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise ValueError("no document paths given")
+    files = find_document_files(paths)
+    docs = [d for f in files for d in read_documents(f)]
+    if not docs:
+        raise ValueError(f"no documents to index in {', '.join(map(str, paths))} (looked for non-empty {', '.join(SUFFIXES)} files)")
+    seen_ids: dict[tuple[str, str], int] = {}
+    for d in docs:
+        key = (d.path, d.doc_id)
+        if key in seen_ids:
+            raise ValueError(f"{d.path}: document id {d.doc_id!r} appears twice")
+        seen_ids[key] = 1
+
+    new = not db.exists()
+    conn = _connect(db)
+    try:
+        if new:
+            config = {"chunk_tokens": chunk_tokens, "overlap": overlap, "embedder": (embedder or NgramEmbedder()).config()}
+        else:
+            config = _check_index(conn, db)
+            want = {"chunk_tokens": chunk_tokens, "overlap": overlap}
+            if embedder is not None:
+                want["embedder"] = embedder.config()
+            changed = {k: (config[k], v) for k, v in want.items() if config[k] != v}
+            if changed:
+                raise ValueError(f"{db}: the index was built with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
+                                 f"index into a new file to change them")
+        emb = embedder_from_config(config["embedder"])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if new:
+                for statement in filter(str.strip, SCHEMA.split(";")):  # not executescript: it would COMMIT first
+                    conn.execute(statement)
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), ("version", VERSION), ("config", json.dumps(config)),
+                                                                   ("generation", 0), ("df", np.zeros(emb.dim, np.int64).tobytes())])
+            stats = _index_documents(conn, docs, files, paths, config, emb, count_tokens, progress, callback)
+            conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+            conn.execute("COMMIT")
+        except BaseException:  # KeyboardInterrupt included: the previous index stays
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    if new and stats.chunks == 0:
+        db.unlink()
+    return stats
+
+
+def _index_documents(conn, docs, files, paths, config, emb, count_tokens, progress, callback) -> IndexStats:
+    df = np.frombuffer(conn.execute("SELECT value FROM meta WHERE key = 'df'").fetchone()[0], dtype=np.int64).copy()
+    stored = {(p, i): (rid, h) for rid, i, p, h in conn.execute("SELECT id, doc_id, path, hash FROM documents")}
+    added = updated = unchanged = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm  # only for the progress bar
+        bar = tqdm(total=len(docs), unit="doc", desc="indexing")
+    for n, d in enumerate(docs, 1):
+        old = stored.get((d.path, d.doc_id))
+        h = d.hash
+        if old is not None and old[1] == h:
+            unchanged += 1
+        else:
+            if old is not None:
+                _delete_chunks(conn, old[0], df)
+                conn.execute("UPDATE documents SET title = ?, hash = ? WHERE id = ?", (d.title, h, old[0]))
+                rid = old[0]
+                updated += 1
+            else:
+                rid = conn.execute("INSERT INTO documents(doc_id, path, title, hash) VALUES (?, ?, ?, ?)",
+                                   (d.doc_id, d.path, d.title, h)).lastrowid
+                added += 1
+            chunks = chunk_text(d.text, config["chunk_tokens"], config["overlap"], count_tokens)
+            tf = emb.embed(chunks)  # (n_chunks, dim)
+            df += (tf > 0).sum(axis=0)
+            for pos, (text, vec) in enumerate(zip(chunks, tf)):
+                cid = conn.execute("INSERT INTO chunks(document, position, text, n_tokens) VALUES (?, ?, ?, ?)",
+                                   (rid, pos, text, count_tokens(text))).lastrowid
+                conn.execute("INSERT INTO chunks_fts(rowid, text) VALUES (?, ?)", (cid, text))
+                conn.execute("INSERT INTO embeddings(chunk, vector) VALUES (?, ?)", (cid, vec.astype(np.float32).tobytes()))
+        if bar is not None:
+            bar.update(1)
+        if callback is not None:
+            callback(n, len(docs))
+    if bar is not None:
+        bar.close()
+    # removed: stored documents of the scanned files (or of vanished files under `paths`) not found now
+    scanned = {str(f) for f in files}
+    roots = [str(p) for p in paths]
+    found = {(d.path, d.doc_id) for d in docs}
+    removed = 0
+    for (p, i), (rid, _) in stored.items():
+        under = p in scanned or any(p == r or p.startswith(r.rstrip("/") + "/") for r in roots)
+        if under and (p, i) not in found:
+            _delete_chunks(conn, rid, df)
+            conn.execute("DELETE FROM documents WHERE id = ?", (rid,))
+            removed += 1
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'df'", (df.tobytes(),))
+    n_docs = conn.execute("SELECT count(*) FROM documents").fetchone()[0]
+    n_chunks = conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    return IndexStats(n_docs, n_chunks, added, updated, removed, unchanged)
+
+
+def _delete_chunks(conn, document: int, df: np.ndarray) -> None:
+    ids = [r[0] for r in conn.execute("SELECT id FROM chunks WHERE document = ?", (document,))]
+    for cid in ids:
+        vec = np.frombuffer(conn.execute("SELECT vector FROM embeddings WHERE chunk = ?", (cid,)).fetchone()[0], dtype=np.float32)
+        df -= (vec > 0).astype(np.int64)
+        conn.execute("DELETE FROM chunks_fts WHERE rowid = ?", (cid,))
+        conn.execute("DELETE FROM embeddings WHERE chunk = ?", (cid,))
+    conn.execute("DELETE FROM chunks WHERE document = ?", (document,))
+
+
+# ---- search ----
+@dataclass
+class Hit:
+    chunk_id: int
+    doc_id: str
+    title: str
+    path: str
+    text: str
+    score: float  # of the ranking asked for: RRF (hybrid), BM25 (bm25), cosine (vector)
+    bm25: float | None  # positive, higher is better; None when BM25 did not match the chunk
+    cosine: float  # TF-IDF cosine similarity to the query, in [0, 1]
+
+
+def fts_query(query: str) -> str:
+    """A user query as an FTS5 expression that never raises a syntax error: its words, each
+    quoted, joined by OR. 'C++ "AND" -x*' -> '"C" OR "AND" OR "x"'."""
+    return " OR ".join(f'"{w}"' for w in _QUERY_TERM.findall(query))
+
+
+class Index:
+    """An open index for repeated searches; the embedding matrix is loaded once and reloaded
+    only when the index changed (its generation counter)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.conn, self.config = open_index(self.path)
+        self.embedder = embedder_from_config(self.config["embedder"])
+        self._generation = None
+        self._matrix = self._ids = self._norms = self._idf = None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _load(self) -> None:
+        gen = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        if gen == self._generation:
+            return
+        rows = self.conn.execute("SELECT chunk, vector FROM embeddings ORDER BY chunk").fetchall()
+        if not rows:
+            raise ValueError(f"{self.path}: the index holds no chunks (index some documents first)")
+        dim = self.embedder.dim
+        self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        self._matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)  # (n, dim)
+        df = np.frombuffer(self.conn.execute("SELECT value FROM meta WHERE key = 'df'").fetchone()[0], dtype=np.int64)
+        self._idf = idf_weights(df.astype(np.float64), len(rows))
+        self._norms = row_norms(self._matrix, self._idf)
+        self._generation = gen
+
+    def cosine(self, query: str) -> np.ndarray:
+        """(n_chunks,) cosine similarity of the query with every chunk (in self._ids order)."""
+        self._load()
+        return tfidf_scores(self.embedder.term_frequencies(query), self._matrix, self._norms, self._idf)
+
+    def bm25(self, query: str, limit: int) -> list[tuple[int, float]]:
+        """[(chunk id, BM25 score)] best first (FTS5's bm25, k1=1.2, b=0.75, sign flipped)."""
+        expr = fts_query(query)
+        if not expr:
+            return []
+        rows = self.conn.execute("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                                 "ORDER BY bm25(chunks_fts) LIMIT ?", (expr, limit)).fetchall()
+        return [(int(r), -float(s)) for r, s in rows]
+
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", candidates: int = 50) -> list[Hit]:
+        """The k best chunks for `query`; mode "hybrid" (RRF of BM25 and vector ranks), "bm25" or "vector"."""
+        if mode not in ("hybrid", "bm25", "vector"):
+            raise ValueError(f"search mode {mode!r}: choose hybrid, bm25 or vector")
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        cos = self.cosine(query)
+        n = max(k, candidates)
+        bm = self.bm25(query, n) if mode != "vector" else []
+        bm_score = dict(bm)
+        if mode == "bm25":
+            ranked = [(c, s) for c, s in bm[:k]]
+        else:
+            top = np.argsort(-cos, kind="stable")[: n if mode == "hybrid" else k]
+            vec = [(int(self._ids[i]), float(cos[i])) for i in top]
+            if mode == "vector":
+                ranked = vec
+            else:
+                fused: dict[int, float] = {}
+                for ranking in (bm, vec):
+                    for rank, (c, _) in enumerate(ranking, 1):
+                        fused[c] = fused.get(c, 0.0) + 1.0 / (RRF_K + rank)
+                ranked = sorted(fused.items(), key=lambda cs: (-cs[1], cs[0]))[:k]
+        hits = []
+        for c, s in ranked:
+            row = self.conn.execute("SELECT d.doc_id, d.title, d.path, c.text FROM chunks c JOIN documents d ON d.id = c.document "
+                                    "WHERE c.id = ?", (c,)).fetchone()
+            ci = int(np.searchsorted(self._ids, c))
+            hits.append(Hit(c, row[0], row[1], row[2], row[3], float(s), bm_score.get(c), float(cos[ci])))
+        return hits
+
+
+def search(db: str | Path, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
+    """Open `db`, search once, close (use `Index` for many queries)."""
+    with Index(db) as ix:
+        return ix.search(query, k, mode)
+
+
+# ---- grounded prompts and answers ----
+@dataclass
+class Citation:
+    number: int  # [n] in the prompt
+    doc_id: str
+    title: str
+    path: str
+
+
+@dataclass
+class GroundedAnswer:
+    text: str
+    citations: list[Citation]
+    sources: list[Hit]  # the numbered sources, [1] first
+    prompt: str
+    grounded: bool  # False: nothing relevant was retrieved, text is NO_ANSWER
+    dropped_sources: int = 0  # sources trimmed to fit the context
+    cited_by: str = "model"  # "model": [n] markers in the answer; "support": sources containing the answer
+
+
+def source_line(number: int, hit: Hit) -> str:
+    """'[1] the Brarken river: The Brarken river is a river. ...'"""
+    return f"[{number}] {hit.title}: {' '.join(hit.text.split())}"
+
+
+def grounded_prompt(question: str, hits: list[Hit], encode: Callable[[str], list[int]] | None = None,
+                    max_tokens: int | None = None) -> tuple[str, list[Hit]]:
+    """The prompt: numbered sources, then `Q: question A:` (the world's open-book format).
+
+    With `encode` and `max_tokens`, sources are trimmed to fit: the lowest-ranked are dropped
+    first, then the last one left is shortened; the question is never cut (ValueError when the
+    question alone does not fit). Returns (prompt, the sources kept)."""
+    question = " ".join(question.split())
+    if not question:
+        raise ValueError("empty question")
+    tail = f"Q: {question} A:"
+
+    def build(sources, last_text=None):
+        lines = [source_line(i + 1, h) for i, h in enumerate(sources)]
+        if last_text is not None:
+            lines[-1] = f"[{len(sources)}] {sources[-1].title}: {last_text}"
+        return "\n".join(lines + [tail])
+
+    if encode is None or max_tokens is None:
+        return build(hits), list(hits)
+    n_question = len(encode(tail))
+    if n_question > max_tokens:
+        raise ValueError(f"the question is {n_question} tokens, more than the {max_tokens} the context leaves for the prompt "
+                         f"(context minus max_new_tokens); shorten the question")
+    kept = list(hits)
+    while kept and len(encode(build(kept))) > max_tokens:
+        if len(kept) > 1:
+            kept.pop()
+            continue
+        words = " ".join(kept[0].text.split()).split(" ")  # one source left: shorten it word by word (binary search)
+        lo, hi = 0, len(words)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(encode(build(kept, " ".join(words[:mid])))) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo == 0:
+            kept = []
+            break
+        return build(kept, " ".join(words[:lo])), kept
+    return build(kept), kept
+
+
+_CITE = re.compile(r"\[(\d+)\]")
+
+
+def cite(answer: str, sources: list[Hit]) -> tuple[list[Citation], str]:
+    """Citations of an answer: its [n] markers when it has any ("model"), else every source whose
+    text contains all the answer's words ("support"), else the top source."""
+    def citation(n):
+        h = sources[n - 1]
+        return Citation(n, h.doc_id, h.title, h.path)
+
+    marked = sorted({int(m) for m in _CITE.findall(answer) if 1 <= int(m) <= len(sources)})
+    if marked:
+        return [citation(n) for n in marked], "model"
+    words = set(re.findall(r"\w+", answer.lower()))
+    support = [i + 1 for i, h in enumerate(sources) if words and words <= set(re.findall(r"\w+", h.text.lower()))]
+    return [citation(n) for n in (support or ([1] if sources else []))], "support"
+
+
+def relevance(hits: list[Hit]) -> float:
+    """The score compared with the threshold: the best BM25 among the hits (0 when none matched)."""
+    return max((h.bm25 for h in hits if h.bm25 is not None), default=0.0)
+
+
+def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: float = DEFAULT_THRESHOLD,
+        mode: str = "hybrid", max_new_tokens: int = 32) -> GroundedAnswer:
+    """Retrieve, build the grounded prompt, answer greedily (one line), attach citations.
+
+    Below `threshold` (the best hit's BM25 score) the answer is NO_ANSWER and the model is not called."""
+    from lmforge.infer.sampling import SamplingParams  # layer 2, imported here to keep rag importable without torch
+
+    ix = db if isinstance(db, Index) else Index(db)
+    try:
+        hits = ix.search(question, k=k, mode=mode)
+    finally:
+        if not isinstance(db, Index):
+            ix.close()
+    if relevance(hits) < threshold:
+        prompt, _ = grounded_prompt(question, [])
+        return GroundedAnswer(NO_ANSWER, [], [], prompt, grounded=False)
+    budget = engine.config.block_size - max_new_tokens
+    prompt, kept = grounded_prompt(question, hits, engine.tokenizer.encode, budget)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    text = engine.generate(prompt, params).text.strip()
+    citations, how = cite(text, kept)
+    return GroundedAnswer(text, citations, kept, prompt, grounded=True, dropped_sources=len(hits) - len(kept), cited_by=how)

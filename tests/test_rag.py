@@ -1,0 +1,275 @@
+"""RAG on a real SQLite file: chunking, BM25 against rank_bm25, recall on the world's documents,
+hostile queries, incremental re-indexing, a SIGKILL mid-index, bad databases, grounded prompts."""
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from lmforge.data import world
+from lmforge.prompting import rag
+
+
+@pytest.fixture(scope="module")
+def world_docs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    world.generate(out, size="20KB", seed=0, progress=False, n_eval=10)
+    return out / "rag" / "documents.jsonl"
+
+
+@pytest.fixture(scope="module")
+def world_db(world_docs, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db") / "world.db"
+    rag.index(db, [world_docs])
+    return db
+
+
+def unseen_questions():
+    w = world.World(0)
+    title_to_id = {d["title"]: d["id"] for d in w.rag_documents()}
+    return [(q, title_to_id[e.name]) for e, _, q, _ in w.encyclopedia.heldout_questions if not e.known]
+
+
+def test_chunk_text_sentences_and_overlap():
+    assert rag.chunk_text("A b. C d. E f.", max_tokens=6, overlap=3) == ["A b. C d.", "C d. E f."]
+    assert rag.chunk_text("A b. C d. E f.", max_tokens=6, overlap=0) == ["A b. C d.", "E f."]
+    assert rag.chunk_text("One two three four five six seven.", max_tokens=3, overlap=0) == ["One two three", "four five six", "seven."]
+    text = " ".join(f"Sentence number {i} is here." for i in range(40))
+    chunks = rag.chunk_text(text, max_tokens=30, overlap=8)
+    assert all(rag.count_tokens_words(c) <= 30 for c in chunks)
+    assert all(c.endswith(".") for c in chunks)  # broken on sentence boundaries
+    for a, b in zip(chunks, chunks[1:]):  # each chunk starts with the previous one's last sentence
+        assert b.startswith(a.split(". ")[-1].rstrip(".")), (a, b)
+    assert " ".join(chunks).count("number 39") >= 1 and "number 0 " in chunks[0]
+    with pytest.raises(ValueError, match="overlap"):
+        rag.chunk_text("x", max_tokens=4, overlap=4)
+
+
+def test_recall_on_world_documents(world_db):
+    questions = unseen_questions()
+    assert len(questions) >= 20
+    with rag.Index(world_db) as ix:
+        for mode, at1, at5 in [("bm25", 0.9, 0.95), ("vector", 0.8, 0.95), ("hybrid", 0.85, 0.95)]:
+            ranks = [[h.doc_id for h in ix.search(q, 5, mode)] for q, _ in questions]
+            r1 = np.mean([ids[:1] == [d] for ids, (_, d) in zip(ranks, questions)])
+            r5 = np.mean([d in ids for ids, (_, d) in zip(ranks, questions)])
+            assert r1 >= at1 and r5 >= at5, (mode, r1, r5)
+
+
+def test_bm25_equals_rank_bm25(world_db):
+    with rag.Index(world_db) as ix:
+        rows = ix.conn.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
+        ids = [r[0] for r in rows]
+        tokenize = lambda s: re.findall(r"[^\W_]+", s.lower())  # FTS5 unicode61 on ASCII text
+        ref = BM25Okapi([tokenize(t) for _, t in rows], k1=1.2, b=0.75)
+        checked = 0
+        for q, _ in unseen_questions()[:15]:
+            # rank_bm25 floors negative IDF differently (epsilon * mean IDF): compare on the terms
+            # in fewer than half of the chunks, where both use log((N - n + 0.5) / (n + 0.5))
+            terms = [t for t in dict.fromkeys(tokenize(q)) if 0 < sum(t in d for d in ref.doc_freqs) < len(rows) / 2]
+            if not terms:
+                continue
+            query = " ".join(terms)
+            expected = ref.get_scores(terms)
+            got = ix.bm25(query, limit=len(rows))
+            assert [c for c, _ in got][:3] == [ids[i] for i in np.argsort(-expected, kind="stable")[:3]], query
+            for c, s in got:
+                assert s == pytest.approx(expected[ids.index(c)], rel=1e-6, abs=1e-9), (query, c)
+            checked += 1
+        assert checked >= 10
+
+
+@pytest.mark.parametrize("query", ['C++ "AND" -x* NEAR( ) ^:', '"unbalanced', "OR AND NOT", "a' ; DROP TABLE chunks; --",
+                                   "???", "", "colour:blue* (river", "日本語 ünïcödé"])
+def test_punctuation_heavy_queries(world_db, query):
+    for mode in ("bm25", "vector", "hybrid"):
+        hits = rag.search(world_db, query, 3, mode)
+        assert all(isinstance(h, rag.Hit) for h in hits)
+    assert rag.fts_query('C++ "AND" -x*') == '"C" OR "AND" OR "x"'
+    with rag.Index(world_db) as ix:
+        assert ix.conn.execute("SELECT count(*) FROM chunks").fetchone()[0] > 0  # nothing was dropped
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def test_incremental_reindex(tmp_path):
+    docs = tmp_path / "docs"
+    _write(docs / "a.txt", "The zorblat is a purple machine. It hums at night.")
+    _write(docs / "b.md", "# Quenta\nQuenta is a town of bakers. Its bread is famous.")
+    _write(docs / "c.jsonl", json.dumps({"id": "x1", "title": "Vlim", "text": "Vlim is a river of ink."}) + "\n"
+           + json.dumps({"id": "x2", "text": "Plonk is a hill."}) + "\n")
+    _write(docs / ".hidden.txt", "never indexed")
+    db = tmp_path / "i.db"
+    s = rag.index(db, [docs])
+    assert (s.documents, s.added, s.updated, s.removed) == (4, 4, 0, 0)
+    titles = {h.title for h in rag.search(db, "Quenta bakers bread", 4, "bm25")}
+    assert "Quenta" in titles
+    assert rag.search(db, "Plonk hill", 1, "bm25")[0].title == "x2"  # no title: the id
+
+    s = rag.index(db, [docs])  # nothing changed
+    assert (s.added, s.updated, s.removed, s.unchanged) == (0, 0, 0, 4)
+    _write(docs / "b.md", "# Quenta\nQuenta is a town of glassblowers now.")
+    (docs / "a.txt").unlink()
+    s = rag.index(db, [docs])
+    assert (s.documents, s.added, s.updated, s.removed, s.unchanged) == (3, 0, 1, 1, 2)
+    assert not rag.search(db, "zorblat", 5, "bm25")
+    assert not rag.search(db, "bakers", 5, "bm25")
+    assert rag.search(db, "glassblowers", 1, "bm25")[0].title == "Quenta"
+    # the incremental index scores exactly as one built from scratch on the same files
+    fresh = tmp_path / "fresh.db"
+    rag.index(fresh, [docs])
+    for q in ["Quenta glassblowers", "river of ink", "hill"]:
+        a, b = rag.search(db, q, 3, "hybrid"), rag.search(fresh, q, 3, "hybrid")
+        assert [(h.doc_id, round(h.cosine, 5), h.bm25 and round(h.bm25, 5)) for h in a] == \
+               [(h.doc_id, round(h.cosine, 5), h.bm25 and round(h.bm25, 5)) for h in b]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM embeddings").fetchone() == conn.execute("SELECT count(*) FROM chunks").fetchone()
+        assert conn.execute("SELECT count(*) FROM chunks_fts").fetchone() == conn.execute("SELECT count(*) FROM chunks").fetchone()
+
+
+def test_kill_mid_index_keeps_previous_index(tmp_path):
+    docs = tmp_path / "docs"
+    _write(docs / "small.jsonl", "".join(json.dumps({"id": f"s{i}", "text": f"Small document {i} about owls."}) + "\n" for i in range(20)))
+    db = tmp_path / "k.db"
+    rag.index(db, [docs])
+    before = [(h.doc_id, h.score) for h in rag.search(db, "owls document 7", 5)]
+    _write(docs / "big.jsonl", "".join(json.dumps({"id": f"b{i}", "text": f"Big document {i}. " * 30}) + "\n" for i in range(4000)))
+    script = textwrap.dedent("""
+        import sys
+        from lmforge.prompting import rag
+        def cb(done, total):
+            if done % 100 == 0:
+                print(done, flush=True)
+        rag.index(sys.argv[1], [sys.argv[2]], callback=cb)
+        print("done", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(db), str(docs)], stdout=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.strip())
+        if line.strip() == "300":
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "done" not in lines
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() == (20,)
+    assert [(h.doc_id, h.score) for h in rag.search(db, "owls document 7", 5)] == before
+    s = rag.index(db, [docs])  # and it indexes again from there
+    assert (s.documents, s.added) == (4020, 4000)
+
+
+def test_interrupt_rolls_back(tmp_path):
+    docs = tmp_path / "docs"
+    _write(docs / "a.jsonl", "".join(json.dumps({"text": f"Doc {i} on herons."}) + "\n" for i in range(10)))
+    db = tmp_path / "c.db"
+    rag.index(db, [docs])
+    _write(docs / "a.jsonl", "".join(json.dumps({"text": f"Doc {i} on cranes."}) + "\n" for i in range(10)))
+
+    def interrupt(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rag.index(db, [docs], callback=interrupt)
+    assert rag.search(db, "herons", 1, "bm25") and not rag.search(db, "cranes", 1, "bm25")
+
+
+def test_not_an_index(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("just some text, not SQLite at all" * 100)
+    with pytest.raises(ValueError, match=r"notes\.db: not an lmforge RAG index"):
+        rag.search(text, "x")
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE users(name TEXT)")
+    with pytest.raises(ValueError, match=r"other\.db: not an lmforge RAG index"):
+        rag.Index(other)
+    with pytest.raises(ValueError, match="not an lmforge RAG index"):
+        rag.index(other, [_doc(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="missing.db"):
+        rag.search(tmp_path / "missing.db", "x")
+
+
+def _doc(tmp_path):
+    p = tmp_path / "one.txt"
+    p.write_text("One document.")
+    return p
+
+
+def test_version_marker(tmp_path):
+    db = tmp_path / "v.db"
+    rag.index(db, [_doc(tmp_path)])
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'version'")
+    with pytest.raises(ValueError, match="version 99"):
+        rag.search(db, "one")
+
+
+def test_empty_and_bad_collections(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="no documents to index"):
+        rag.index(tmp_path / "e.db", [tmp_path / "empty"])
+    assert not (tmp_path / "e.db").exists()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        rag.index(tmp_path / "e.db", [tmp_path / "nowhere"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        rag.index(tmp_path / "e.db", [bad])
+    bad.write_text('{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: no string field 'text' \(found: body\)"):
+        rag.index(tmp_path / "e.db", [bad])
+    pdf = tmp_path / "x.pdf"
+    pdf.write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match="cannot index .pdf"):
+        rag.index(tmp_path / "e.db", [pdf])
+
+
+def test_grounded_prompt_trims_sources_never_the_question(world_db):
+    hits = rag.search(world_db, "How many kilometres long is the Brarken river?", 3)
+    encode = str.split  # one token per word
+    prompt, kept = rag.grounded_prompt("How many kilometres long is the Brarken river?", hits)
+    assert prompt.splitlines()[0].startswith(f"[1] {hits[0].title}: ") and prompt.endswith("Q: How many kilometres long is the Brarken river? A:")
+    n_full = len(encode(prompt))
+    prompt2, kept2 = rag.grounded_prompt("How many kilometres long is the Brarken river?", hits, encode, n_full - 1)
+    assert len(kept2) == 2 and len(encode(prompt2)) <= n_full - 1 and kept2 == hits[:2]
+    prompt3, kept3 = rag.grounded_prompt("How many kilometres long is the Brarken river?", hits, encode, 20)
+    assert len(encode(prompt3)) <= 20 and prompt3.endswith("Brarken river? A:") and kept3 == hits[:1]
+    with pytest.raises(ValueError, match="the question is 12 tokens"):
+        rag.grounded_prompt("How many kilometres long is the Brarken river? " + "very " * 2, hits, encode, 11)
+
+
+def test_citations_map_to_documents(world_db):
+    hits = rag.search(world_db, "How many kilometres long is the Brarken river?", 3)
+    cits, how = rag.cite("It is 634 km [2] and [1] [9]", hits)
+    assert how == "model" and [(c.number, c.doc_id, c.title) for c in cits] == [(1, hits[0].doc_id, hits[0].title), (2, hits[1].doc_id, hits[1].title)]
+    cits, how = rag.cite("634", hits)
+    assert how == "support" and all("634" in hits[c.number - 1].text for c in cits) and cits
+    assert hits[0].title == "the Brarken river"
+
+
+def test_ask_abstains_below_threshold(world_db):
+    w = world.World(0)
+    absent = [q for e, _, q, _ in w.encyclopedia.heldout_questions if e.known]  # entities in no document
+    with rag.Index(world_db) as ix:
+        abstain = [q for q in absent if rag.relevance(ix.search(q, 3)) < rag.DEFAULT_THRESHOLD]
+        assert len(abstain) >= 0.8 * len(absent)
+        for q in abstain[:5]:  # the model is not called (there is none)
+            answer = rag.ask(None, ix, q)
+            assert answer.text == rag.NO_ANSWER and not answer.grounded and not answer.citations
+        present = [rag.relevance(ix.search(q, 3)) >= rag.DEFAULT_THRESHOLD for q, _ in unseen_questions()]
+    assert np.mean(present) >= 0.9
+    assert rag.ask(None, world_db, "How long is the Brarken river?", threshold=1e9).grounded is False
