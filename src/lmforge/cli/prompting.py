@@ -1,0 +1,140 @@
+"""`lmforge ask` and `lmforge rag index|search|ask`: thin wrappers on lmforge.prompting."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lmforge.cli import UserError, add_command
+from lmforge.prompting import prompts, rag
+
+
+def register(subparsers):
+    p = add_command(subparsers, "ask", "answer one question with a prompting strategy: few-shot, chain-of-thought, self-consistency, system prompt",
+                    func=cmd_ask)
+    p.add_argument("question", help="the question")
+    p.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("--shots", type=int, default=0, help="worked examples before the question")
+    p.add_argument("--similar", action="store_true", help="choose the shots most similar to the question (default: at random)")
+    p.add_argument("--examples", default=None,
+                   help="JSONL of {\"question\", \"answer\"} shots (default: the built-in world's training questions)")
+    p.add_argument("--cot", action="store_true", help="chain-of-thought: add the trigger 'Think step by step.' and extract the final answer")
+    p.add_argument("--samples", type=int, default=1, help="self-consistency: sample this many chains and take the majority answer")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature with --samples > 1 (one sample is greedy)")
+    p.add_argument("--system", default=None, help="system prompt (the question then goes through the chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="stop after this many new tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shot choice and of sampling")
+    p.add_argument("--device", default="cpu", help="torch device")
+
+    parser = add_command(subparsers, "rag", "retrieval-augmented generation on one SQLite index")
+    parser.set_defaults(_parser=parser)
+    sub = parser.add_subparsers(title="commands", metavar="<command>")
+    p = add_command(sub, "index", "index .txt, .md, .jsonl files and directories (incremental: changed documents re-chunked, deleted ones removed)",
+                    func=cmd_index)
+    p.add_argument("--docs", nargs="+", required=True, help="files and directories to index")
+    p.add_argument("--db", required=True, help="the SQLite index file (created when absent)")
+    p.add_argument("--chunk-tokens", type=int, default=200, help="tokens (words and punctuation) per chunk at most")
+    p.add_argument("--overlap", type=int, default=40, help="tokens repeated from the previous chunk, whole sentences")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add_command(sub, "search", "print the best chunks for a query, with their scores", func=cmd_search)
+    p.add_argument("query", help="what to look for (any text: punctuation is safe)")
+    p.add_argument("--db", required=True, help="the SQLite index file")
+    p.add_argument("--k", type=int, default=5, help="how many chunks")
+    p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], default="hybrid", help="ranking: RRF of BM25 and vectors, or one of them")
+    p.add_argument("--json", action="store_true", help="one JSON object per hit")
+
+    p = add_command(sub, "ask", "answer from retrieved sources, with citations; says when the documents do not contain the answer",
+                    func=cmd_rag_ask)
+    p.add_argument("question", help="the question")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--db", required=True, help="the SQLite index file")
+    p.add_argument("--k", type=int, default=3, help="sources in the prompt (trimmed to fit the context)")
+    p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], default="hybrid", help="retrieval ranking")
+    p.add_argument("--threshold", type=float, default=rag.DEFAULT_THRESHOLD,
+                   help="answer only when the best source's BM25 score reaches this (docs/prompting.md)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many new tokens")
+    p.add_argument("--device", default="cpu", help="torch device")
+
+
+def _engine(run: str, device: str):
+    from lmforge.infer import load_run  # torch and the model: only for the commands that generate
+    from lmforge.infer.engine import Engine
+
+    model, tok = load_run(run, device=device)
+    return Engine(model, tok)
+
+
+def _examples(path: str | None, seed: int) -> list[tuple[str, str]]:
+    if path is None:
+        from lmforge.data.world import World
+
+        return [(q, a) for _, _, q, a in World(seed).encyclopedia.train_questions]
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append((str(d["question"]), str(d["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n}: expected a JSON object with 'question' and 'answer' ({e})") from None
+    return out
+
+
+def cmd_ask(args) -> int:
+    from lmforge.infer.sampling import SamplingParams
+
+    engine = _engine(args.run, args.device)
+    question = f"{args.question.strip()} {prompts.COT_TRIGGER}" if args.cot else args.question
+    shots = prompts.select_examples(args.question, _examples(args.examples, args.seed), args.shots, args.seed, args.similar) if args.shots else []
+    if args.system:
+        prompt = prompts.chat_prompt(engine.tokenizer, question, args.system, shots)
+        stop = []
+    else:
+        prompt = "\n".join([prompts.SHOT_TEMPLATE.format(question=q, answer=a) for q, a in shots] + [prompts.zero_shot(question)])
+        stop = ["\n"]
+    if args.samples > 1:
+        vote = prompts.self_consistency(engine, prompt, n=args.samples, temperature=args.temperature,
+                                        max_new_tokens=args.max_new_tokens, stop=stop, seed=args.seed)
+        for i, (c, a) in enumerate(zip(vote.completions, vote.answers), 1):
+            print(f"[{i}] {c.strip()}  -> {a}")
+        print(f"answer: {vote.answer} (confidence {vote.confidence:.0%}, {args.samples} samples)")
+        return 0
+    text = engine.generate(prompt, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, stop=stop)).text.strip()
+    print(text)
+    if args.cot:
+        print(f"answer: {prompts.extract_answer(text)}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    t0 = time.time()
+    s = rag.index(args.db, args.docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, progress=not args.no_progress)
+    dt = time.time() - t0
+    print(f"indexed {args.db}: {s.documents:,} documents, {s.chunks:,} chunks ({s.added} added, {s.updated} updated, "
+          f"{s.removed} removed, {s.unchanged} unchanged) in {dt:.1f} s")
+    return 0
+
+
+def cmd_search(args) -> int:
+    for i, h in enumerate(rag.search(args.db, args.query, args.k, args.mode), 1):
+        if args.json:
+            print(json.dumps({"rank": i, "score": h.score, "bm25": h.bm25, "cosine": h.cosine, "doc_id": h.doc_id,
+                              "title": h.title, "path": h.path, "text": h.text}, ensure_ascii=False))
+        else:
+            bm = f"{h.bm25:.3f}" if h.bm25 is not None else "-"
+            print(f"{i}. [{h.score:.4f}] {h.title} ({h.doc_id}; bm25 {bm}, cosine {h.cosine:.3f})\n   {' '.join(h.text.split())}")
+    return 0
+
+
+def cmd_rag_ask(args) -> int:
+    engine = _engine(args.run, args.device)
+    a = rag.ask(engine, args.db, args.question, k=args.k, threshold=args.threshold, mode=args.mode, max_new_tokens=args.max_new_tokens)
+    print(a.text)
+    for c in a.citations:
+        print(f"[{c.number}] {c.title} ({c.doc_id}, {c.path})")
+    if a.dropped_sources:
+        print(f"({a.dropped_sources} source(s) dropped to fit the context)")
+    return 0
