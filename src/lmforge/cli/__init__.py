@@ -26,6 +26,7 @@ COMMANDS = [
     "lmforge.cli.train",  # pretrain
     "lmforge.cli.infer",  # sample, generate, chat, quantize
     "lmforge.cli.alignment",  # sft, lora merge (reward, dpo, ppo, grpo)
+    "lmforge.cli.prompting",  # ask, rag index|search|ask
 ]
 
 
