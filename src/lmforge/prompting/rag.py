@@ -52,6 +52,7 @@ CREATE TABLE chunks(id INTEGER PRIMARY KEY, document INTEGER NOT NULL REFERENCES
                     text TEXT NOT NULL, n_tokens INTEGER NOT NULL);
 CREATE INDEX chunks_document ON chunks(document);
 CREATE VIRTUAL TABLE chunks_fts USING fts5(text, tokenize='unicode61');
+CREATE VIRTUAL TABLE chunks_vocab USING fts5vocab(chunks_fts, 'row');
 CREATE TABLE embeddings(chunk INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
 
@@ -343,10 +344,11 @@ class Hit:
     cosine: float  # TF-IDF cosine similarity to the query, in [0, 1]
 
 
-def fts_query(query: str) -> str:
+def fts_query(query: str | list[str]) -> str:
     """A user query as an FTS5 expression that never raises a syntax error: its words, each
     quoted, joined by OR. 'C++ "AND" -x*' -> '"C" OR "AND" OR "x"'."""
-    return " OR ".join(f'"{w}"' for w in _QUERY_TERM.findall(query))
+    words = _QUERY_TERM.findall(query) if isinstance(query, str) else query
+    return " OR ".join(f'"{w}"' for w in words)
 
 
 class Index:
@@ -391,9 +393,17 @@ class Index:
 
     def bm25(self, query: str, limit: int) -> list[tuple[int, float]]:
         """[(chunk id, BM25 score)] best first (FTS5's bm25, k1=1.2, b=0.75, sign flipped)."""
-        expr = fts_query(query)
-        if not expr:
+        words = list(dict.fromkeys(w.lower() for w in _QUERY_TERM.findall(query)))
+        if not words:
             return []
+        self._load()
+        # terms in half the chunks or more have FTS5 IDF <= 0 (floored to 1e-6): they barely change
+        # the ranking, only make most chunks a match; leave them out while a rarer term can match
+        n_chunks = len(self._ids)
+        marks = ",".join("?" * len(words))
+        df = dict(self.conn.execute(f"SELECT term, doc FROM chunks_vocab WHERE term IN ({marks})", words).fetchall())
+        rare = [w for w in words if df.get(w, 0) < n_chunks / 2]
+        expr = fts_query(rare if any(w in df for w in rare) else words)
         rows = self.conn.execute("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
                                  "ORDER BY bm25(chunks_fts) LIMIT ?", (expr, limit)).fetchall()
         return [(int(r), -float(s)) for r, s in rows]
@@ -405,13 +415,15 @@ class Index:
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         cos = self.cosine(query)
-        n = max(k, candidates)
+        n = min(max(k, candidates), len(cos))
         bm = self.bm25(query, n) if mode != "vector" else []
         bm_score = dict(bm)
         if mode == "bm25":
             ranked = [(c, s) for c, s in bm[:k]]
         else:
-            top = np.argsort(-cos, kind="stable")[: n if mode == "hybrid" else k]
+            m = n if mode == "hybrid" else min(k, len(cos))
+            top = np.argpartition(-cos, m - 1)[:m]  # the m best, then sorted (ties by chunk id)
+            top = top[np.lexsort((self._ids[top], -cos[top]))]
             vec = [(int(self._ids[i]), float(cos[i])) for i in top]
             if mode == "vector":
                 ranked = vec
