@@ -4,13 +4,41 @@ its group's, no value model. With the DAPO changes (Yu et al. 2025): separate lo
 token-level loss normalisation; and Dr. GRPO's (Liu et al. 2025) constant normaliser.
 
 Loss functions: group_advantages(rewards, group_size, scale_rewards), grpo_loss(...)
+Reward functions: plain callables f(prompts, completions, **columns) -> list[float];
+    built in: world_answer_reward (EvalItem.score's exact match), format_reward.
+GRPORollouts: the batch source (samples the live policy through one kept Engine).
+grpo(policy, out, GRPOConfig, TrainConfig, reward_funcs=None) -> summary   the stage.
+
+What differs from DeepSeekMath's GRPO: one policy update per rollout by default (so the ratio is 1 at
+the update and the clip acts only through the gradient's form, as in TRL with num_iterations=1); the
+KL term is off by default (beta=0, as TRL); token-level "dapo" normalisation and clip-higher are the
+defaults; outcome rewards only (no process supervision).
 """
 
 from __future__ import annotations
 
-import torch
+import copy
+import functools
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
 
+import torch
+import torch.distributed as dist
+
+from lmforge.data.world import World
+from lmforge.data.world.tasks import EvalItem
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.io import atomic_write_json, read_jsonl
+from lmforge.train.distributed import setup_distributed
+from lmforge.train.logps import sequence_logps, split_heldout
+from lmforge.train.loop import TrainConfig, train
 from lmforge.train.ppo import kl_penalty, masked_mean
+from lmforge.train.sft import load_base, write_tokenizer_files
 
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -71,3 +99,297 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     high = (ratio > 1 + epsilon_high) & (A > 0)
     metrics["clip_frac"] = masked_mean((low | high).float(), mask).detach()
     return loss, metrics
+
+
+# ---- reward functions: f(prompts, completions, **columns) -> list[float] ----
+
+_FINAL = re.compile(r"-?\d+")
+
+
+def world_answer_reward(prompts: list, completions: list[str], item: list[EvalItem] | None = None,
+                        answer: list[str] | None = None, **columns) -> list[float]:
+    """1.0 where the completion's extracted answer is exactly right (EvalItem.score's "exact", the
+    world's verifiable check), else 0.0. Rows without an `item` compare the last number (or the
+    stripped text) with their `answer` column."""
+    out = []
+    for i, c in enumerate(completions):
+        if item is not None and item[i] is not None:
+            out.append(float(item[i].score(c)["exact"]))
+        elif answer is not None:
+            nums = _FINAL.findall(c)
+            out.append(float((nums[-1] if nums and _FINAL.fullmatch(str(answer[i]).strip()) else c.strip()) == str(answer[i]).strip()))
+        else:
+            raise ValueError("world_answer_reward needs an 'item' or 'answer' column")
+    return out
+
+
+def format_reward(prompts: list, completions: list[str], **columns) -> list[float]:
+    """1.0 for a completion that ends its reasoning with a number on its first line (the world's
+    chain-of-thought answers end in "So ... = N."), else 0.0."""
+    return [float(bool(_FINAL.search(c.split("\n")[0])) and c.strip() != "") for c in completions]
+
+
+REWARD_FUNCS = {"answer": world_answer_reward, "format": format_reward}
+
+
+# ---- rollouts ----
+
+@dataclass
+class PromptItem:
+    ids: list[int]  # the rendered prompt
+    prompt: str | list[dict]
+    columns: dict  # passed to the reward functions (item, answer, ...)
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    mask_truncated: bool = False
+    seed: int = 0
+
+
+def pad_rollouts(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m)
+    return ids.to(device), mask.to(device)
+
+
+def sample_group(engine: Engine, items: list[PromptItem], config: RolloutConfig, end_ids: list[int], step: int):
+    """n completions of each prompt through the engine -> (sequences, completion masks, texts,
+    finish reasons), item-major (group_size consecutive rows per prompt)."""
+    params = [SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                             n=config.group_size, stop=list(it.stop), stop_token_ids=list(end_ids),
+                             seed=config.seed * 1000003 + step * 1009 + i) for i, it in enumerate(items)]
+    results = engine.generate([it.ids for it in items], params)
+    seqs, masks, texts, reasons = [], [], [], []
+    for it, group in zip(items, results):
+        for c in (group if isinstance(group, list) else [group]):
+            toks = list(c.token_ids)
+            seqs.append(it.ids + toks)
+            masks.append([0] * len(it.ids) + [1] * len(toks))
+            texts.append(c.text)
+            reasons.append(c.finish_reason)
+    return seqs, masks, texts, reasons
+
+
+class GRPORollouts:
+    """Batch source: each batch is a fresh group rollout of the live policy (the engine follows its
+    in-place weight updates), scored, with group-normalised advantages and the old log-probs.
+    state_dict(): (epoch, position, step) - a resumed run samples the same prompts and seeds."""
+
+    def __init__(self, model, tokenizer, items: list[PromptItem], reward_funcs: list[Callable], reward_weights: list[float],
+                 rollout: RolloutConfig, scale_rewards: str = "group", end_ids: tuple[int, ...] = (), pad_id: int = 0,
+                 ref_model=None, rank: int = 0, world: int = 1, device="cpu"):
+        if not items:
+            raise ValueError("no prompts to sample from")
+        self.model, self.tokenizer, self.items = model, tokenizer, items
+        self.reward_funcs, self.reward_weights, self.rollout = reward_funcs, reward_weights, rollout
+        self.scale_rewards, self.end_ids, self.pad_id, self.ref_model = scale_rewards, list(end_ids), pad_id, ref_model
+        self.rank, self.world, self.device = rank, world, device
+        self.engine = Engine(model, tokenizer)  # kept: it follows the policy's in-place updates
+        self.epoch = self.position = self.step = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.rollout.seed * 1000003 + self.epoch)
+        return torch.randperm(len(self.items), generator=g).tolist()
+
+    def __iter__(self):
+        return self
+
+    def _next_items(self) -> list[PromptItem]:
+        picked = []
+        while len(picked) < self.rollout.prompts_per_step * self.world:
+            if self.position >= len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            picked.append(self._order[self.position])
+            self.position += 1
+        n = self.rollout.prompts_per_step
+        return [self.items[i] for i in picked[self.rank * n:(self.rank + 1) * n]]
+
+    def score(self, items: list[PromptItem], texts: list[str]) -> torch.Tensor:
+        """Weighted sum of the reward functions (N,); each is called with the prompts, the completions
+        and every column repeated per completion."""
+        g = self.rollout.group_size
+        prompts = [it.prompt for it in items for _ in range(g)]
+        keys = sorted({k for it in items for k in it.columns})
+        columns = {k: [it.columns.get(k) for it in items for _ in range(g)] for k in keys}
+        total = torch.zeros(len(texts))
+        for f, w in zip(self.reward_funcs, self.reward_weights):
+            values = f(prompts, texts, **columns)
+            if len(values) != len(texts):
+                raise ValueError(f"reward function {getattr(f, '__name__', f)} returned {len(values)} values for {len(texts)} completions")
+            total += w * torch.tensor(values, dtype=torch.float)
+        return total
+
+    def __next__(self) -> dict:
+        items = self._next_items()
+        was_training = self.model.training
+        self.model.eval()
+        # the loop may call next() inside its bf16 autocast; rollouts run in the weights' dtype
+        with torch.no_grad(), torch.autocast(torch.device(self.device).type, enabled=False):
+            seqs, masks, texts, reasons = sample_group(self.engine, items, self.rollout, self.end_ids, self.step)
+            rewards = self.score(items, texts)
+            ids, loss_mask = pad_rollouts(seqs, masks, self.pad_id, self.device)
+            truncated = torch.tensor([r == "length" for r in reasons], device=self.device)
+            if self.rollout.mask_truncated:
+                loss_mask = loss_mask * (~truncated)[:, None]
+            _, old_logps = sequence_logps(self.model, ids, loss_mask)
+            ref_logps = sequence_logps(self.ref_model, ids, loss_mask)[1] if self.ref_model is not None else None
+        self.model.train(was_training)
+        self.step += 1
+        advantages = group_advantages(rewards, self.rollout.group_size, self.scale_rewards).to(self.device)
+        lengths = torch.tensor([sum(m) for m in masks], dtype=torch.float)
+        return {"input_ids": ids, "loss_mask": loss_mask, "advantages": advantages, "old_logps": old_logps,
+                "ref_logps": ref_logps,
+                "stats": {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                          "completion_len": lengths.mean().item(), "truncated": truncated.float().mean().item()}}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
+        self._order = self._permutation()
+
+
+def grpo_objective(model, batch: dict, epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,
+                   loss_type: str = "dapo", max_completion_length: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO loss of one rollout batch, plus the rollout's reward statistics."""
+    _, logps = sequence_logps(model, batch["input_ids"], batch["loss_mask"])
+    mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+    loss, metrics = grpo_loss(logps, batch["old_logps"], batch["advantages"], mask, epsilon_low, epsilon_high, beta,
+                              batch.get("ref_logps"), loss_type, max_completion_length)
+    return loss, {**metrics, **batch["stats"], "n_tokens": int(mask.sum())}
+
+
+# ---- the stage ----
+
+@dataclass
+class GRPOConfig:
+    data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt (string or messages), answer, ...columns}; default: the world's task --task"})
+    task: str = field(default="arithmetic_cot", metadata={"help": "world task whose items are the prompts (default data)"})
+    world_seed: int = field(default=0, metadata={"help": "seed of the built-in world"})
+    rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format)"})
+    reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions (default 1 each)"})
+    prompts_per_step: int = field(default=4, metadata={"help": "prompts per process per step"})
+    group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens per completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    scale_rewards: str = field(default="group", metadata={"help": "advantage scaling", "choices": list(SCALE_REWARDS)})
+    loss_type: str = field(default="dapo", metadata={"help": "loss normalisation", "choices": list(LOSS_TYPES)})
+    epsilon_low: float = field(default=0.2, metadata={"help": "lower clip of the ratio (1 - eps_low)"})
+    epsilon_high: float = field(default=0.28, metadata={"help": "upper clip of the ratio (1 + eps_high; DAPO's clip-higher)"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the reference (0: no reference)"})
+    mask_truncated: bool = field(default=False, metadata={"help": "no loss on completions cut at max_new_tokens"})
+    eval_items: int = field(default=100, metadata={"help": "held-out prompts (greedy exact match before and after)"})
+
+
+GRPO_TRAIN_DEFAULTS = {"max_steps": 50, "lr": 1e-5, "warmup_steps": 0, "min_lr_ratio": 1.0, "schedule": "constant",
+                       "eval_interval": 25, "ckpt_interval": 25, "weight_decay": 0.0, "log_interval": 1}
+
+
+def read_prompts(path: str | Path, render, tokenizer) -> list[PromptItem]:
+    """{"prompt": str | messages, ...} lines; every other field becomes a reward-function column."""
+    items = []
+    for lineno, record in read_jsonl(path):
+        if "prompt" not in record:
+            raise ValueError(f"{path}:{lineno}: missing field 'prompt' (found: {', '.join(record) or 'none'})")
+        p = record["prompt"]
+        ids = tokenizer.encode(p) if isinstance(p, str) else render(p, add_generation_prompt=True)[0]
+        items.append(PromptItem(ids, p, {k: v for k, v in record.items() if k != "prompt"}))
+    if not items:
+        raise ValueError(f"{path}: no prompts")
+    return items
+
+
+def world_prompts(task: str, seed: int, render, tokenizer) -> list[PromptItem]:
+    tasks = World(seed=seed).tasks()
+    if task not in tasks:
+        raise ValueError(f"task={task!r} is not a world task ({', '.join(sorted(tasks))})")
+    out = []
+    for item in tasks[task]:
+        ids = tokenizer.encode(item.prompt) if item.kind == "completion" else render(item.prompt, add_generation_prompt=True)[0]
+        out.append(PromptItem(ids, item.prompt, {"item": item, "answer": item.answer}, list(item.stop)))
+    return out
+
+
+@torch.no_grad()
+def greedy_reward(model, tokenizer, items: list[PromptItem], reward_funcs, max_new_tokens: int, end_ids) -> float:
+    """Mean first-reward-function score of greedy completions of held-out prompts."""
+    if not items:
+        return float("nan")
+    engine = Engine(model, tokenizer)
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(it.stop), stop_token_ids=list(end_ids))
+              for it in items]
+    with torch.autocast(next(model.parameters()).device.type, enabled=False):  # the loop's eval may run under bf16 autocast
+        texts = [c.text for c in engine.generate([it.ids for it in items], params)]
+    keys = sorted({k for it in items for k in it.columns})
+    values = reward_funcs[0]([it.prompt for it in items], texts, **{k: [it.columns.get(k) for it in items] for k in keys})
+    return sum(values) / len(values)
+
+
+def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = None, train_config: TrainConfig | None = None,
+         reward_funcs: list[Callable] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """GRPO from the model in `policy_path`; reward_funcs (plain callables) default to config.rewards."""
+    config = config or GRPOConfig()
+    train_config = train_config or TrainConfig(**GRPO_TRAIN_DEFAULTS)
+    out = Path(out)
+    rank, world, device = setup_distributed()
+    base = load_base(policy_path, device=device)
+    funcs = reward_funcs or []
+    if not funcs:
+        for name in config.rewards:
+            if name not in REWARD_FUNCS:
+                raise ValueError(f"reward {name!r} is not built in ({', '.join(REWARD_FUNCS)})")
+            funcs.append(REWARD_FUNCS[name])
+    weights = list(config.reward_weights) or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+    items = (read_prompts(config.data, base.render, base.tokenizer) if config.data
+             else world_prompts(config.task, config.world_seed, base.render, base.tokenizer))
+    train_items, heldout = split_heldout(items, min(config.eval_items, len(items) // 5), train_config.seed)
+    ref_model = None
+    if config.beta:
+        ref_model = copy.deepcopy(base.model).eval().requires_grad_(False)
+    end_ids = [base.end_id] + ([base.tokenizer.eos_id] if base.tokenizer.eos_id is not None else [])
+    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
+    rollout = RolloutConfig(config.prompts_per_step, config.group_size, config.max_new_tokens, config.temperature,
+                            mask_truncated=config.mask_truncated, seed=train_config.seed)
+    data = GRPORollouts(base.model, base.tokenizer, train_items, funcs, weights, rollout, config.scale_rewards, tuple(end_ids),
+                        pad_id, ref_model, rank, world, device)
+    resolved = {"policy": str(policy_path), "grpo": asdict(config), "train": asdict(train_config),
+                "reward_funcs": [getattr(f, "__name__", repr(f)) for f in funcs], "train_prompts": len(train_items),
+                "heldout_prompts": len(heldout), "world_size": world}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "grpo_config.json", resolved)
+        write_tokenizer_files(base, out)
+    log(json.dumps(resolved))
+    start = greedy_reward(base.model, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)
+
+    def evaluate(m):
+        return {"heldout_reward": greedy_reward(m, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)} if heldout else {}
+
+    objective = functools.partial(grpo_objective, epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high,
+                                  beta=config.beta, loss_type=config.loss_type, max_completion_length=config.max_new_tokens)
+    train_config.progress = train_config.progress and progress
+    t0 = time.time()
+    summary = train(base.model, objective, data, train_config, out, evaluate=evaluate, resume=resume)
+    summary["wall_time"] = time.time() - t0
+    summary["heldout_reward_start"] = start
+    if rank == 0:
+        atomic_write_json(out / "summary.json", summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary

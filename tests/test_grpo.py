@@ -1,0 +1,68 @@
+"""GRPO: rollouts through the engine end to end with finite metrics, and a real learning signal
+(a reward that prefers one token rises within a handful of steps; a flipped advantage sign would
+push it down)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignment_helpers import tiny_base, world_pairs, write_jsonl
+from lmforge.data.world import World
+from lmforge.train.grpo import GRPOConfig, format_reward, grpo, world_answer_reward
+from lmforge.train.loop import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grpo")
+    run, tok = tiny_base(d / "base", world_pairs(40))
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": f"Q: item {i} A:", "answer": str(i)} for i in range(12)])
+    return run, prompts, tok, d
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_builtin_rewards_by_hand():
+    item = World(seed=0).tasks()["arithmetic_cot"][0]  # answer 80
+    assert world_answer_reward([item.prompt] * 2, [" 40 + 40 = 80.", " it is 81"], item=[item, item]) == [1.0, 0.0]
+    assert world_answer_reward(["q"], ["so 7"], answer=["7"]) == [1.0]
+    assert format_reward(["q", "q"], ["so 12.", "no number"]) == [1.0, 0.0]
+
+
+def test_grpo_learns_a_token_preference(base, tmp_path):
+    """Reward = share of the completion's (re-encoded) tokens that lie in the lower half of the
+    vocabulary: about 0.5 for the random model, so the signal is dense; it must rise."""
+    run, prompts, tok, _ = base
+    half = tok.vocab_size // 2
+
+    def likes_target(prompts, completions, **columns):
+        out = []
+        for c in completions:
+            ids = tok.encode(c)
+            out.append(sum(i < half for i in ids) / max(len(ids), 1))
+        return out
+
+    out = tmp_path / "grpo"
+    grpo(run, out, GRPOConfig(data=str(prompts), prompts_per_step=4, group_size=8, max_new_tokens=8, eval_items=2),
+         TrainConfig(max_steps=12, lr=5e-2, warmup_steps=0, schedule="constant", log_interval=1, progress=False,
+                     weight_decay=0.0, eval_interval=0, ckpt_interval=0),
+         reward_funcs=[likes_target], log=lambda s: None)
+    rewards = [r["reward"] for r in _records(out) if "reward" in r]
+    assert len(rewards) == 12 and all(math.isfinite(r["loss"]) and math.isfinite(r["clip_frac"]) for r in _records(out) if "reward" in r)
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.2, rewards
+
+
+def test_grpo_world_task_run_with_kl(base, tmp_path):
+    run, _, tok, _ = base
+    out = tmp_path / "g2"
+    summary = grpo(run, out, GRPOConfig(task="arithmetic_cot", prompts_per_step=2, group_size=4, max_new_tokens=6, eval_items=4,
+                                        beta=0.04, mask_truncated=True, loss_type="grpo", rewards=("answer", "format")),
+                   TrainConfig(max_steps=2, lr=1e-3, warmup_steps=0, log_interval=1, progress=False), log=lambda s: None)
+    recs = [r for r in _records(out) if "reward" in r]
+    assert len(recs) == 2 and all(math.isfinite(r["kl"]) and r["truncated"] >= 0 for r in recs)
+    assert math.isfinite(summary["heldout_reward"]) and (out / "model.safetensors").is_file()
