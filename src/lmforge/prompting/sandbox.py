@@ -42,7 +42,7 @@ CLONE_NEWNET = 0x40000000
 PRELUDE = r'''
 import sys, os
 import math, cmath, json, re, itertools, collections, fractions, decimal, statistics, random, datetime, string, \
-    functools, operator, heapq, bisect, textwrap, unicodedata, copy, dataclasses, typing, enum
+    functools, operator, heapq, bisect, textwrap, unicodedata, copy, dataclasses, typing, enum, socket, encodings.idna
 if sys.argv[1] != "-":  # root: drop to the throw-away uid (the modules above stay loaded)
     os.setgroups([])
     os.setgid(int(sys.argv[1]))
