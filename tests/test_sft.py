@@ -17,7 +17,7 @@ from lmforge.infer import load_run
 from lmforge.model import ModelConfig, Transformer, save_pretrained
 from lmforge.tokenizer import SPECIAL_TOKENS, train as train_tokenizer
 from lmforge.train.loop import TrainConfig
-from lmforge.train.sft import IGNORE, SFTBatches, SFTConfig, pack, pad_rows, read_conversations, sft, sft_objective
+from lmforge.train.sft import IGNORE, SFTBatches, SFTConfig, collate, pack, pad_rows, read_conversations, sft, sft_objective
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_packed_equals_unpacked(base, convs):
                 e += 1
         assert e == len(examples)
         # the loss: sum over packed rows / tokens == the per-example token losses pooled
-        batch = {**packed, "norm": float((packed["targets"] != IGNORE).sum())}
+        batch = collate(rows, int((packed["targets"] != IGNORE).sum()), 1, "cpu")
         loss, metrics = sft_objective(model, batch)
         ref_sum, ref_n = 0.0, 0
         for s in singles:
@@ -77,8 +77,11 @@ def test_packed_equals_unpacked(base, convs):
             lg, _ = model(torch.tensor([s["idx"]]))
             ref_sum += torch.nn.functional.cross_entropy(lg[0], t[0], ignore_index=IGNORE, reduction="sum").item()
             ref_n += int((t != IGNORE).sum())
-    assert metrics["n_tokens"] == ref_n
+    assert metrics["supervised_tokens"] == ref_n and metrics["n_tokens"] == sum(r["length"] for r in rows)
     assert abs(loss.item() - ref_sum / ref_n) < 1e-5
+    with torch.no_grad():  # the --no-packing rows give the same loss through the same objective
+        unpacked, _ = sft_objective(model, collate(singles, ref_n, 1, "cpu"))
+    assert abs(unpacked.item() - loss.item()) < 1e-5
 
 
 def test_mask_supervises_only_the_assistant(base, convs):

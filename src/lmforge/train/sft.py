@@ -38,7 +38,7 @@ from lmforge.model.hf import load_hf_checkpoint
 from lmforge.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from lmforge.model.pretrained import save_pretrained
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.distributed import setup_distributed
+from lmforge.train.distributed import barrier, setup_distributed
 from lmforge.train.loop import TrainConfig, train
 
 IGNORE = -100
@@ -48,7 +48,7 @@ IGNORE = -100
 class SFTConfig:
     data: tuple[str, ...] = field(default=(), metadata={"help": "JSONL files of conversations (messages or prompt/completion); empty: the world's chat/sft.jsonl + chat/tools.jsonl"})
     world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
-    seq_len: int = field(default=512, metadata={"help": "tokens per training row (longer examples are cut)"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per training row, longer examples are cut (default: the model's block_size)"})
     batch_size: int = field(default=8, metadata={"help": "rows per process per micro-batch"})
     packing: bool = field(default=True, metadata={"help": "pack short examples into full rows (no attention across examples)"})
     eval_examples: int = field(default=64, metadata={"help": "held-out conversations (loss and end-of-turn rate)"})
@@ -131,7 +131,7 @@ def pack(examples, seq_len: int, pad_id: int) -> list[dict]:
                 seg += [s] * len(inp)
             n_pad = seq_len - len(idx)
             rows.append({"idx": idx + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad,
-                         "positions": pos + [0] * n_pad, "segment_ids": seg + [len(current)] * n_pad})
+                         "positions": pos + [0] * n_pad, "segment_ids": seg + [len(current)] * n_pad, "length": len(idx)})
             current.clear()
 
     used = 0
@@ -152,13 +152,15 @@ def pad_rows(examples, seq_len: int, pad_id: int) -> list[dict]:
     for ex in examples:
         inp, tgt = _pairs(ex, seq_len)
         n_pad = seq_len - len(inp)
-        rows.append({"idx": inp + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad})
+        rows.append({"idx": inp + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad, "length": len(inp)})
     return rows
 
 
 def collate(rows: list[dict], n_global: int, world: int, device) -> dict:
-    """Rows -> tensors (B, T); `norm` = supervised tokens in the global batch / world size."""
-    batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0]}
+    """Rows -> tensors (B, T); `norm` = supervised tokens in the global batch / world size,
+    `n_real` = tokens that are not padding (for tokens/s)."""
+    batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0] if k != "length"}
+    batch["n_real"] = sum(r["length"] for r in rows)
     batch["norm"] = max(n_global, 1) / world
     return batch
 
@@ -204,16 +206,17 @@ class SFTBatches:
 
 
 def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Sum of the supervised tokens' cross-entropy / (global supervised tokens / world)."""
+    """Sum of the supervised tokens' cross-entropy / (global supervised tokens / world).
+    metrics: n_tokens (non-padding tokens, for tokens/s), supervised_tokens, sft_loss (this rank's mean)."""
     targets = batch["targets"]
     n_local = int((targets != IGNORE).sum())
     if n_local == 0:  # every target of this rank's rows was cut away: a zero loss that still touches every weight
         _, loss = model(batch["idx"], targets=batch["idx"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                         return_logits=False)
-        return loss * 0.0, {"n_tokens": 0}
+        return loss * 0.0, {"n_tokens": batch["n_real"], "supervised_tokens": 0}
     _, mean = model(batch["idx"], targets=targets, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                     return_logits=False)
-    return mean * (n_local / batch["norm"]), {"n_tokens": n_local, "sft_loss": mean.detach()}
+    return mean * (n_local / batch["norm"]), {"n_tokens": batch["n_real"], "supervised_tokens": n_local, "sft_loss": mean.detach()}
 
 
 # ---- the base model ----
@@ -309,10 +312,18 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     out = Path(out)
     rank, world, device = setup_distributed()
     base = load_base(base_path, device=device)
-    if config.seq_len > base.model.config.block_size:
-        raise ValueError(f"seq_len={config.seq_len} exceeds the model's block_size={base.model.config.block_size}")
+    seq_len = config.seq_len or base.model.config.block_size
+    if seq_len > base.model.config.block_size:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={base.model.config.block_size}")
 
-    files = [Path(p) for p in config.data] or default_data(Path(config.world_dir) if config.world_dir else out / "world", train_config.seed)
+    if config.data:
+        files = [Path(p) for p in config.data]
+    else:
+        world_dir = Path(config.world_dir) if config.world_dir else out / "world"
+        if rank == 0:  # generated once, then every rank reads it
+            default_data(world_dir, train_config.seed)
+        barrier()
+        files = default_data(world_dir, train_config.seed)
     conversations, sources = [], []
     for f in files:
         convs = read_conversations(f)
@@ -328,14 +339,14 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     eval_examples = tokenize(base.render, heldout)
     pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
     make_rows = pack if config.packing else pad_rows
-    rows, eval_rows = make_rows(examples, config.seq_len, pad_id), make_rows(eval_examples, config.seq_len, pad_id)
+    rows, eval_rows = make_rows(examples, seq_len, pad_id), make_rows(eval_examples, seq_len, pad_id)
 
     model = base.model
     if config.lora_rank:
         apply_lora(model, LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
     data = SFTBatches(rows, config.batch_size, seed=train_config.seed, rank=rank, world=world, device=device)
     resolved = {"base": str(base_path), "hf_base": base.hf, "sft": asdict(config), "train": asdict(train_config),
-                "data": [str(f) for f in files], "train_examples": len(examples), "heldout": len(heldout),
+                "data": [str(f) for f in files], "seq_len": seq_len, "train_examples": len(examples), "heldout": len(heldout),
                 "rows": len(rows), "world_size": world,
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if rank == 0:
