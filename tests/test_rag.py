@@ -273,3 +273,20 @@ def test_ask_abstains_below_threshold(world_db):
         present = [rag.relevance(ix.search(q, 3)) >= rag.DEFAULT_THRESHOLD for q, _ in unseen_questions()]
     assert np.mean(present) >= 0.9
     assert rag.ask(None, world_db, "How long is the Brarken river?", threshold=1e9).grounded is False
+
+
+def test_first_index_killed_leaves_a_usable_path(tmp_path):
+    docs = tmp_path / "docs"
+    _write(docs / "a.jsonl", "".join(json.dumps({"text": f"Doc {i} on storks."}) + "\n" for i in range(10)))
+    db = tmp_path / "first.db"
+
+    def interrupt(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rag.index(db, [docs], callback=interrupt)
+    assert not db.exists()
+    sqlite3.connect(db).close()  # an empty SQLite file (what a SIGKILL before the first commit leaves)
+    assert rag.index(db, [docs]).documents == 10
+    assert rag.search(db, "storks", 1, "bm25")

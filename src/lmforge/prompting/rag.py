@@ -232,8 +232,14 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
             raise ValueError(f"{d.path}: document id {d.doc_id!r} appears twice")
         seen_ids[key] = 1
 
-    new = not db.exists()
+    existed = db.exists()
     conn = _connect(db)
+    try:
+        # a file with no tables is new too: what a first run killed before its commit leaves
+        new = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0 if existed else True
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise ValueError(f"{db}: not an lmforge RAG index ({e})") from None
     try:
         if new:
             config = {"chunk_tokens": chunk_tokens, "overlap": overlap, "embedder": (embedder or NgramEmbedder()).config()}
@@ -259,11 +265,12 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
             conn.execute("COMMIT")
         except BaseException:  # KeyboardInterrupt included: the previous index stays
             conn.execute("ROLLBACK")
+            if new and not existed:
+                conn.close()
+                db.unlink(missing_ok=True)  # a first run leaves no empty file behind
             raise
     finally:
         conn.close()
-    if new and stats.chunks == 0:
-        db.unlink()
     return stats
 
 
