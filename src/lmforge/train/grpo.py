@@ -35,7 +35,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.io import atomic_write_json, read_jsonl
 from lmforge.train.distributed import setup_distributed
-from lmforge.train.logps import sequence_logps, split_heldout
+from lmforge.train.logps import pad_rollouts, sequence_logps, split_heldout
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.ppo import kl_penalty, masked_mean
 from lmforge.train.sft import load_base, write_tokenizer_files
@@ -151,16 +151,6 @@ class RolloutConfig:
     top_k: int = 0
     mask_truncated: bool = False
     seed: int = 0
-
-
-def pad_rollouts(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(m)] = torch.tensor(m)
-    return ids.to(device), mask.to(device)
 
 
 def sample_group(engine: Engine, items: list[PromptItem], config: RolloutConfig, end_ids: list[int], step: int):

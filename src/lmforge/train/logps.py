@@ -186,6 +186,17 @@ class PairBatches:
         self._order = self._permutation()
 
 
+def pad_rollouts(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled sequences and their completion masks -> (ids, mask) (N, T), right-padded."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m)
+    return ids.to(device), mask.to(device)
+
+
 def split_heldout(items: list, n_eval: int, seed: int) -> tuple[list, list]:
     """(train, heldout): a seeded shuffle, the first n_eval held out."""
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
