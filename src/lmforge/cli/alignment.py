@@ -2,6 +2,10 @@
 
     lmforge sft --run BASE --out DIR [--data FILE ...] [--lora-rank R --lora-alpha A ...]
     lmforge lora merge --run DIR --out DIR [--hf]
+    lmforge reward --run SFT --out DIR [--data FILE]     lmforge reward score --run RM --data FILE
+    lmforge dpo --run SFT --out DIR [--data FILE] [--beta B] [--loss sigmoid|ipo|robust]
+    lmforge grpo --run SFT --out DIR [--task arithmetic_cot | --data FILE]
+    lmforge ppo --run SFT --reward-model RM --out DIR
     lmforge chat show --data FILE [--run DIR]      (registered under `chat` in cli/infer.py)
 
 Layout: one `cmd_<stage>` per verb and one `_register_<stage>(subparsers)` each, called from
@@ -25,6 +29,12 @@ from lmforge.model.lora import load_adapter, merge_lora, read_adapter_config
 from lmforge.model.pretrained import save_pretrained
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import TrainConfig
+from lmforge.io import read_jsonl
+from lmforge.train.dpo import DPO_TRAIN_DEFAULTS, DPOConfig, dpo
+from lmforge.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, grpo
+from lmforge.train.logps import read_preferences, tokenize_preferences
+from lmforge.train.ppo import PPO_TRAIN_DEFAULTS, PPOConfig, ppo
+from lmforge.train.reward import REWARD_TRAIN_DEFAULTS, RewardConfig, RewardScorer, pairwise_accuracy, reward
 from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_conversations, sft, write_tokenizer_files
 
 
@@ -109,6 +119,133 @@ def cmd_chat_show(args) -> int:
     return 0
 
 
+# ---- reward, reward score ----
+
+def _train_config(args, defaults: dict) -> TrainConfig:
+    train_args = given(args, TrainConfig)
+    if "max_time" in train_args:
+        train_args["max_time"] = parse_duration(train_args["max_time"])
+    return TrainConfig(**{**defaults, **train_args})
+
+
+def _print_summary(summary: dict) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}))
+
+
+def _register_reward(subparsers) -> None:
+    defaults = ", ".join(f"{k}={v}" for k, v in REWARD_TRAIN_DEFAULTS.items())
+    p = add_command(subparsers, "reward", "train a reward model on preference pairs (Bradley-Terry); `reward score` scores",
+                    cmd_reward, description="Train a reward model (the base transformer with a scalar head on the last "
+                    "token) on {prompt, chosen, rejected} pairs; held-out accuracy and margin per `reason`. "
+                    f"The reward stage's defaults for the training flags: {defaults}.")
+    p.set_defaults(_parser=p)
+    p.add_argument("--run", help="base model: lmforge run directory or HF checkpoint directory (usually the SFT run)")
+    p.add_argument("--out", help="output reward model directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_flags(p, RewardConfig)
+    add_train_flags(p)
+    sub = p.add_subparsers(title="commands", metavar="<command>")
+    s = add_command(sub, "score", "score a JSONL file with a reward model", cmd_reward_score,
+                    description="Preference pairs {prompt, chosen, rejected}: pairwise accuracy and margin (per reason). "
+                                "{prompt, completion} lines: one JSON line {\"score\": x} each.")
+    s.add_argument("--run", required=True, help="reward model directory (from `lmforge reward`)")
+    s.add_argument("--data", required=True, help="JSONL of pairs or of {prompt, completion}")
+
+
+def cmd_reward(args) -> int:
+    if not args.run or not args.out:
+        raise UserError("lmforge reward needs --run BASE and --out DIR (or: lmforge reward score --run RM --data FILE)")
+    summary = reward(args.run, args.out, RewardConfig(**given(args, RewardConfig)), _train_config(args, REWARD_TRAIN_DEFAULTS),
+                     resume=args.resume, progress=not args.quiet, log=lambda s: None)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_reward_score(args) -> int:
+    first = next((r for _, r in read_jsonl(args.data)), None)
+    if first is None:
+        raise UserError(f"{args.data}: empty")
+    scorer = RewardScorer(args.run)
+    if "chosen" in first or "rejected" in first:
+        rows = tokenize_preferences(scorer.render, read_preferences(args.data), scorer.max_len)
+        print(json.dumps(pairwise_accuracy(scorer.model, rows, scorer.pad_id)))
+        return 0
+    prompts, completions = [], []
+    for lineno, record in read_jsonl(args.data):
+        if "prompt" not in record or "completion" not in record:
+            raise UserError(f"{args.data}:{lineno}: expected 'prompt' and 'completion' fields (or a preference pair)")
+        prompts.append(record["prompt"])
+        c = record["completion"]
+        completions.append(c if isinstance(c, str) else c[-1]["content"])
+    for score in scorer(prompts, completions):
+        print(json.dumps({"score": score}))
+    return 0
+
+
+# ---- dpo, grpo, ppo ----
+
+def _register_dpo(subparsers) -> None:
+    defaults = ", ".join(f"{k}={v}" for k, v in DPO_TRAIN_DEFAULTS.items())
+    p = add_command(subparsers, "dpo", "direct preference optimisation on preference pairs (sigmoid, IPO, robust)", cmd_dpo,
+                    description="DPO from an SFT run against a frozen reference whose log-probs are computed once, "
+                                f"before training. DPO's defaults for the training flags: {defaults}.")
+    p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_flags(p, DPOConfig)
+    add_train_flags(p)
+
+
+def cmd_dpo(args) -> int:
+    _print_summary(dpo(args.run, args.out, DPOConfig(**given(args, DPOConfig)), _train_config(args, DPO_TRAIN_DEFAULTS),
+                       resume=args.resume, progress=not args.quiet, log=lambda s: None))
+    return 0
+
+
+def _register_grpo(subparsers) -> None:
+    defaults = ", ".join(f"{k}={v}" for k, v in GRPO_TRAIN_DEFAULTS.items())
+    p = add_command(subparsers, "grpo", "GRPO with verifiable rewards (group-normalised advantages, DAPO clip)", cmd_grpo,
+                    description="GRPO: n samples per prompt through the engine, rewarded by the world's exact answer "
+                                f"check (and/or a format check). GRPO's defaults for the training flags: {defaults}.")
+    p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_flags(p, GRPOConfig, parse={"reward_weights": lambda text: tuple(float(x) for x in text.split(","))})
+    add_train_flags(p)
+
+
+def cmd_grpo(args) -> int:
+    _print_summary(grpo(args.run, args.out, GRPOConfig(**given(args, GRPOConfig)), _train_config(args, GRPO_TRAIN_DEFAULTS),
+                        resume=args.resume, progress=not args.quiet, log=lambda s: None))
+    return 0
+
+
+def _register_ppo(subparsers) -> None:
+    defaults = ", ".join(f"{k}={v}" for k, v in PPO_TRAIN_DEFAULTS.items())
+    p = add_command(subparsers, "ppo", "PPO against a reward model (value head, KL penalty, GAE)", cmd_ppo,
+                    description="PPO: rollouts through the engine scored by --reward-model, per-token KL penalty to the "
+                                f"frozen reference, GAE, clipped losses. PPO's defaults for the training flags: {defaults}.")
+    p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
+    p.add_argument("--out", required=True, help="output run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_flags(p, PPOConfig)
+    add_train_flags(p)
+
+
+def cmd_ppo(args) -> int:
+    _print_summary(ppo(args.run, args.out, PPOConfig(**given(args, PPOConfig)), _train_config(args, PPO_TRAIN_DEFAULTS),
+                       resume=args.resume, progress=not args.quiet, log=lambda s: None))
+    return 0
+
+
 def register(subparsers) -> None:
     _register_sft(subparsers)
     _register_lora(subparsers)
+    _register_reward(subparsers)
+    _register_dpo(subparsers)
+    _register_grpo(subparsers)
+    _register_ppo(subparsers)
