@@ -1,6 +1,7 @@
 """Reward model stage: bad preference lines, the run directory, the scorer, the tokenizer check,
 and a real learning signal on an easy preference."""
 
+import json
 import math
 
 import pytest
@@ -91,3 +92,23 @@ def test_reward_model_learns_an_easy_preference(base):
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.5 and m["accuracy"].item() == 1.0
+
+
+def test_cli_reward_score_and_dpo(base, tmp_path, capsys):
+    from lmforge.cli import main
+
+    run, data, _, _ = base
+    rm = tmp_path / "rm"
+    assert main(["reward", "--run", str(run), "--out", str(rm), "--data", str(data), "--max-steps", "2", "--eval-pairs", "6",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["reward", "score", "--run", str(rm), "--data", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == 60
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Hi", "completion": "Hello."}, {"prompt": "Hi", "completion": "Go away."}])
+    assert main(["reward", "score", "--run", str(rm), "--data", str(pc)]) == 0
+    scores = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    assert len(scores) == 2 and scores == pytest.approx(RewardScorer(rm)(["Hi", "Hi"], ["Hello.", "Go away."]), abs=1e-5)
+    assert main(["dpo", "--run", str(run), "--out", str(tmp_path / "dpo"), "--data", str(data), "--max-steps", "1",
+                 "--loss", "robust", "--label-smoothing", "0.1", "--quiet"]) == 0
+    assert (tmp_path / "dpo" / "model.safetensors").is_file()
