@@ -7,7 +7,9 @@ BM25Okapi with the same k1=1.2, b=0.75 and the same tokenization) on the very sa
 Also the abstention rule at rag.DEFAULT_THRESHOLD: the share of present-entity questions
 answered and of absent-entity questions (entities in no document) declined.
 
-    python bench/rag_retrieval.py [--seed 0]
+    python bench/rag_retrieval.py [--seed 0] [--embed-run RUN]
+With --embed-run, the same for an index embedded with RUN's mean-pooled hidden states
+(hidden_vector_*, hidden_hybrid_*), to compare the two built-in embedders.
 Prints one JSON line.
 """
 
@@ -30,6 +32,7 @@ from lmforge.prompting import rag
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="world seed")
+    ap.add_argument("--embed-run", default=None, help="also measure the hidden-state embedder of this run")
     ap.add_argument("--max-questions", type=int, default=1000, help="questions about unseen entities, at most")
     args = ap.parse_args()
     w = World(args.seed)
@@ -63,6 +66,16 @@ def main() -> None:
             result["threshold"] = t
             result["present_answered"] = float(np.mean([rag.relevance(ix.search(q, 3)) >= t for q, _ in questions]))
             result["absent_declined"] = float(np.mean([rag.relevance(ix.search(q, 3)) < t for q in absent]))
+        if args.embed_run:
+            from lmforge.prompting.embed import HiddenStateEmbedder
+
+            hdb = Path(tmp) / "hidden.db"
+            rag.index(hdb, [path], embedder=HiddenStateEmbedder(args.embed_run))
+            with rag.Index(hdb) as ix:
+                for mode in ("vector", "hybrid"):
+                    ranked = [[h.doc_id for h in ix.search(q, 5, mode)] for q, _ in questions]
+                    result[f"hidden_{mode}_recall@1"] = float(np.mean([r[:1] == [d] for r, (_, d) in zip(ranked, questions)]))
+                    result[f"hidden_{mode}_recall@5"] = float(np.mean([d in r for r, (_, d) in zip(ranked, questions)]))
     print(json.dumps(result))
 
 

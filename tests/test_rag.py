@@ -290,3 +290,39 @@ def test_first_index_killed_leaves_a_usable_path(tmp_path):
     sqlite3.connect(db).close()  # an empty SQLite file (what a SIGKILL before the first commit leaves)
     assert rag.index(db, [docs]).documents == 10
     assert rag.search(db, "storks", 1, "bm25")
+
+
+def test_hidden_state_embedder(tmp_path):
+    import torch
+
+    from lmforge.model import ModelConfig, Transformer, save_pretrained
+    from lmforge.prompting.embed import HiddenStateEmbedder
+    from lmforge.tokenizer import train
+
+    docs = [d for d in world.World(0).rag_documents()[:8]]
+    tok = train(" ".join(d["text"] for d in docs), vocab_size=300, workers=1)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    run = tmp_path / "run"
+    save_pretrained(model, run)
+    tok.save(run)
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    db = tmp_path / "h.db"
+    emb = HiddenStateEmbedder(str(run))
+    rag.index(db, [path], embedder=emb)
+    # the reference: the model's own final-norm output, mean-pooled, by hand
+    ids = tok.encode(docs[3]["text"])[:128]  # the first block_size tokens
+    with torch.no_grad():
+        captured = []
+        h = model.norm.register_forward_hook(lambda m, i, o: captured.append(o))
+        model(torch.tensor([ids]))
+        h.remove()
+    assert np.allclose(emb.vector(docs[3]["text"]), captured[0][0].mean(0).numpy(), atol=1e-5)
+    hits = rag.search(db, docs[3]["text"], 3, "vector")  # a document's own text is its nearest neighbour
+    assert hits[0].doc_id == docs[3]["id"] and hits[0].cosine == pytest.approx(1.0, abs=1e-5)
+    with sqlite3.connect(db) as conn:
+        stored = json.loads(dict(conn.execute("SELECT key, value FROM meta").fetchall())["config"])["embedder"]
+    assert stored == {"name": "hidden-states", "run": str(run), "dim": 32}

@@ -36,6 +36,8 @@ def register(subparsers):
     p.add_argument("--db", required=True, help="the SQLite index file (created when absent)")
     p.add_argument("--chunk-tokens", type=int, default=200, help="tokens (words and punctuation) per chunk at most")
     p.add_argument("--overlap", type=int, default=40, help="tokens repeated from the previous chunk, whole sentences")
+    p.add_argument("--embed-run", default=None,
+                   help="embed with the mean-pooled hidden states of this run (default: the built-in hashed n-gram TF-IDF)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add_command(sub, "search", "print the best chunks for a query, with their scores", func=cmd_search)
@@ -111,7 +113,13 @@ def cmd_ask(args) -> int:
 
 def cmd_index(args) -> int:
     t0 = time.time()
-    s = rag.index(args.db, args.docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, progress=not args.no_progress)
+    embedder = None
+    if args.embed_run:
+        from lmforge.prompting.embed import HiddenStateEmbedder
+
+        embedder = HiddenStateEmbedder(args.embed_run)
+    s = rag.index(args.db, args.docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, embedder=embedder,
+                  progress=not args.no_progress)
     dt = time.time() - t0
     print(f"indexed {args.db}: {s.documents:,} documents, {s.chunks:,} chunks ({s.added} added, {s.updated} updated, "
           f"{s.removed} removed, {s.unchanged} unchanged) in {dt:.1f} s")

@@ -1,4 +1,5 @@
-"""A built-in text embedder that needs no download: hashed character n-gram TF-IDF.
+"""Built-in text embedders that need no download: hashed character n-gram TF-IDF (the
+default), and mean-pooled hidden states of an lmforge run (`HiddenStateEmbedder`).
 
 Each text is lowercased, runs of whitespace become one space, and every character n-gram
 (n in `ngrams`, over UTF-8 bytes) is hashed into one of `dim` buckets; the vector is the
@@ -57,6 +58,11 @@ class NgramEmbedder:
             counts += np.bincount((h >> np.uint64(40)) % np.uint64(self.dim), minlength=self.dim)
         return np.log1p(counts).astype(np.float32)
 
+    uses_idf = True  # scores apply the collection's IDF weights (tfidf_scores)
+
+    def vector(self, text: str) -> np.ndarray:
+        return self.term_frequencies(text)
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 term-frequency rows."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -65,11 +71,53 @@ class NgramEmbedder:
         return out
 
 
-def embedder_from_config(config: dict) -> NgramEmbedder:
+class HiddenStateEmbedder:
+    """Mean-pooled final hidden states (after the last norm, before the head) of an lmforge run:
+    a text's tokens through the model, averaged over positions; plain cosine, no IDF. Texts
+    longer than the context keep their first block_size tokens."""
+
+    uses_idf = False
+    name = "hidden-states"
+
+    def __init__(self, run: str, device: str = "cpu"):
+        from lmforge.infer import load_run  # torch and a model: only for this embedder
+
+        self.run = str(run)
+        self.model, self.tokenizer = load_run(run, device=device)
+        self.model.eval()
+        self.dim = self.model.config.n_embd
+        self.device = device
+
+    def config(self) -> dict:
+        return {"name": self.name, "run": self.run, "dim": self.dim}
+
+    def vector(self, text: str) -> np.ndarray:
+        import torch
+
+        ids = self.tokenizer.encode(text)[: self.model.config.block_size] or [self.tokenizer.eos_id or 0]
+        captured = []
+        handle = self.model.norm.register_forward_hook(lambda module, inp, out: captured.append(out))
+        try:
+            with torch.inference_mode():
+                self.model(torch.tensor([ids], device=self.device))
+        finally:
+            handle.remove()
+        return captured[0][0].float().mean(dim=0).cpu().numpy().astype(np.float32)  # (T, C) -> (C,)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            out[i] = self.vector(t)
+        return out
+
+
+def embedder_from_config(config: dict):
     """The embedder an index was built with (its stored config)."""
-    if config.get("name") != "ngram-tfidf":
-        raise ValueError(f"unknown embedder {config.get('name')!r} in the index (this lmforge knows: ngram-tfidf)")
-    return NgramEmbedder(dim=int(config["dim"]), ngrams=tuple(int(n) for n in config["ngrams"]))
+    if config.get("name") == "ngram-tfidf":
+        return NgramEmbedder(dim=int(config["dim"]), ngrams=tuple(int(n) for n in config["ngrams"]))
+    if config.get("name") == "hidden-states":
+        return HiddenStateEmbedder(config["run"])
+    raise ValueError(f"unknown embedder {config.get('name')!r} in the index (this lmforge knows: ngram-tfidf, hidden-states)")
 
 
 def idf_weights(df: np.ndarray, n_chunks: int) -> np.ndarray:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from lmforge.prompting.embed import NgramEmbedder, embedder_from_config, idf_weights, row_norms, tfidf_scores
+from lmforge.prompting.embed import HiddenStateEmbedder, NgramEmbedder, embedder_from_config, idf_weights, row_norms, tfidf_scores
 
 FORMAT = "lmforge-rag"
 VERSION = 1
@@ -208,7 +208,7 @@ class IndexStats:
 
 
 def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, overlap: int = 40,
-          embedder: NgramEmbedder | None = None, count_tokens: Callable[[str], int] = count_tokens_words,
+          embedder: NgramEmbedder | HiddenStateEmbedder | None = None, count_tokens: Callable[[str], int] = count_tokens_words,
           progress: bool = False, callback: Callable[[int, int], None] | None = None) -> IndexStats:
     """Index documents into the SQLite file `db` (created when absent), incrementally.
 
@@ -252,7 +252,7 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
             if changed:
                 raise ValueError(f"{db}: the index was built with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
                                  f"index into a new file to change them")
-        emb = embedder_from_config(config["embedder"])
+        emb = embedder if embedder is not None else embedder_from_config(config["embedder"])
         conn.execute("BEGIN IMMEDIATE")
         try:
             if new:
@@ -389,14 +389,15 @@ class Index:
         self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         self._matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)  # (n, dim)
         df = np.frombuffer(self.conn.execute("SELECT value FROM meta WHERE key = 'df'").fetchone()[0], dtype=np.int64)
-        self._idf = idf_weights(df.astype(np.float64), len(rows))
+        # dense embedders (hidden states) are compared by plain cosine: every weight 1
+        self._idf = idf_weights(df.astype(np.float64), len(rows)) if self.embedder.uses_idf else np.ones(dim, np.float32)
         self._norms = row_norms(self._matrix, self._idf)
         self._generation = gen
 
     def cosine(self, query: str) -> np.ndarray:
         """(n_chunks,) cosine similarity of the query with every chunk (in self._ids order)."""
         self._load()
-        return tfidf_scores(self.embedder.term_frequencies(query), self._matrix, self._norms, self._idf)
+        return tfidf_scores(self.embedder.vector(query), self._matrix, self._norms, self._idf)
 
     def bm25(self, query: str, limit: int) -> list[tuple[int, float]]:
         """[(chunk id, BM25 score)] best first (FTS5's bm25, k1=1.2, b=0.75, sign flipped)."""
