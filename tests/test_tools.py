@@ -354,3 +354,16 @@ def test_malformed_call_is_an_error_turn(tok):
     out = T.run_with_tools(engine, [{"role": "user", "content": "Hi"}], T.ToolRegistry([T.calculator_tool()]))
     assert out.tool_calls[0]["error"] and "not valid JSON" in out.tool_calls[0]["result"]
     assert out.finish_reason == "stop"
+
+
+def test_tool_result_filling_the_context_stops_the_loop(tok):
+    def flood(n: int) -> str:
+        """A very long result."""
+        return "fox " * n
+
+    engine, _ = scripted_engine(tok, call_then_answer(tok, {"name": "flood", "arguments": {"n": 2000}}))
+    out = T.run_with_tools(engine, [{"role": "user", "content": "Flood."}], T.ToolRegistry([flood]), SamplingParams(max_new_tokens=50))
+    assert out.finish_reason == "length" and len(out.tool_calls) == 1 and not out.tool_calls[0]["error"]
+    assert [m["role"] for m in out.messages] == ["user", "assistant", "tool"]
+    with pytest.raises(ValueError, match="leaves no room in the model's context of 512"):
+        T.run_with_tools(engine, [{"role": "user", "content": "fox " * 2000}], T.ToolRegistry([flood]))

@@ -318,7 +318,8 @@ def run_with_tools(engine, messages: list[dict], registry: ToolRegistry, params=
     sequence continues as ids + `<|end|><|tool|>result<|end|><|assistant|>`: the very tokens
     generated so far (not a re-rendering of the conversation), so the engine's prefix cache
     serves every whole block already computed and only the tail is prefilled again. After
-    `max_iterations` calls the loop stops (finish_reason "iterations").
+    `max_iterations` calls the loop stops (finish_reason "iterations"); a tool result that fills
+    the context stops it too ("length").
     """
     from lmforge.infer.sampling import SamplingParams  # layer 2
 
@@ -334,7 +335,13 @@ def run_with_tools(engine, messages: list[dict], registry: ToolRegistry, params=
     cache = engine.prefix_cache
     budget = params.max_new_tokens
     hits = misses = 0
+    context = engine.config.block_size
+    if len(ids) >= context:
+        raise ValueError(f"the conversation is {len(ids)} tokens, which leaves no room in the model's context of {context}")
     while True:
+        if len(ids) >= context:  # a tool result filled the context: stop here, as at max_new_tokens
+            finish = "length"
+            break
         before_hits, before_misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
         out = engine.generate(ids, dataclasses.replace(params, max_new_tokens=max(1, budget)))
         if calls and cache is not None:  # continuations only: what the cache saved of the conversation
