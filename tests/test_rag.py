@@ -145,11 +145,13 @@ def test_kill_mid_index_keeps_previous_index(tmp_path):
     before = [(h.doc_id, h.score) for h in rag.search(db, "owls document 7", 5)]
     _write(docs / "big.jsonl", "".join(json.dumps({"id": f"b{i}", "text": f"Big document {i}. " * 30}) + "\n" for i in range(4000)))
     script = textwrap.dedent("""
-        import sys
+        import sys, time
         from lmforge.prompting import rag
         def cb(done, total):
             if done % 100 == 0:
                 print(done, flush=True)
+            if done >= 300:  # slow down from here, so the kill surely lands before the commit
+                time.sleep(0.01)
         rag.index(sys.argv[1], [sys.argv[2]], callback=cb)
         print("done", flush=True)
     """)
