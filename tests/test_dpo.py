@@ -98,6 +98,7 @@ def test_reference_with_another_tokenizer_is_an_error(base, tmp_path):
     with pytest.raises(ValueError, match=f"{other_tok.hash}.*{tok.hash}"):
         dpo(run, tmp_path / "o", DPOConfig(data=(str(data),), reference=str(other)), TrainConfig(max_steps=1, progress=False),
             log=lambda s: None)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_dpo_raises_the_chosen_over_the_rejected(base):

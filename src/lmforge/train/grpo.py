@@ -369,7 +369,8 @@ def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = N
     start = greedy_reward(base.model, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)
 
     def evaluate(m):
-        return {"heldout_reward": greedy_reward(m, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)} if heldout else {}
+        raw = getattr(m, "module", m)  # the engine needs the Transformer, not its DDP wrapper
+        return {"heldout_reward": greedy_reward(raw, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)} if heldout else {}
 
     objective = functools.partial(grpo_objective, epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high,
                                   beta=config.beta, loss_type=config.loss_type, max_completion_length=config.max_new_tokens)
