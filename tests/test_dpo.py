@@ -117,3 +117,16 @@ def test_dpo_raises_the_chosen_over_the_rejected(base):
         loss.backward()
         opt.step()
     assert m["rewards/margin"].item() > 0.05 and m["rewards/accuracy"].item() > 0.7 and loss.item() < math.log(2)
+
+
+def test_pair_batches_resume_exactly(base):
+    run, data, tok, _ = base
+    rows = tokenize_preferences(load_base(run).render, read_preferences(data), 128)
+    a = PairBatches(rows, 7, tok.pad_id, seed=3)
+    for _ in range(9):  # past the first epoch (60 pairs / 7)
+        next(a)
+    b = PairBatches(rows, 7, tok.pad_id, seed=3)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(3):
+        x, y = next(a), next(b)
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["loss_mask"], y["loss_mask"])

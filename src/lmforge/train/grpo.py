@@ -240,8 +240,12 @@ class GRPORollouts:
         self.step += 1
         advantages = group_advantages(rewards, self.rollout.group_size, self.scale_rewards).to(self.device)
         lengths = torch.tensor([sum(m) for m in masks], dtype=torch.float)
+        n_tokens = loss_mask[:, 1:].sum().float()
+        if dist.is_initialized():  # "dapo" divides by the tokens of the global batch (per rank: / world)
+            dist.all_reduce(n_tokens)
+            n_tokens = n_tokens / dist.get_world_size()
         return {"input_ids": ids, "loss_mask": loss_mask, "advantages": advantages, "old_logps": old_logps,
-                "ref_logps": ref_logps,
+                "ref_logps": ref_logps, "n_tokens_global": n_tokens.clamp(min=1).item(),
                 "stats": {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
                           "completion_len": lengths.mean().item(), "truncated": truncated.float().mean().item()}}
 
@@ -259,7 +263,7 @@ def grpo_objective(model, batch: dict, epsilon_low: float = 0.2, epsilon_high: f
     _, logps = sequence_logps(model, batch["input_ids"], batch["loss_mask"])
     mask = batch["loss_mask"][:, 1:].to(logps.dtype)
     loss, metrics = grpo_loss(logps, batch["old_logps"], batch["advantages"], mask, epsilon_low, epsilon_high, beta,
-                              batch.get("ref_logps"), loss_type, max_completion_length)
+                              batch.get("ref_logps"), loss_type, max_completion_length, batch.get("n_tokens_global"))
     return loss, {**metrics, **batch["stats"], "n_tokens": int(mask.sum())}
 
 
