@@ -121,3 +121,19 @@ def test_hf_dir_without_chat_template(tmp_path, qwen_dir):
 def test_template_errors_are_value_errors(tokenizer):
     with pytest.raises(ValueError, match="role robot is not one of"):
         render_template(CHAT_TEMPLATE, tokenizer, [{"role": "robot", "content": "x"}], {})
+
+
+def test_chat_show_cli(run_dir, tokenizer, dialogues, tmp_path, capsys):
+    from lmforge.cli import main
+
+    data = tmp_path / "c.jsonl"
+    tool_chat = next(c for c in dialogues if any(m.get("tool_calls") for m in c))
+    data.write_text(json.dumps({"messages": tool_chat}) + "\n")
+    ids, mask = render_chat(tokenizer, tool_chat)
+    for extra in (["--run", str(run_dir)], []):
+        assert main(["chat", "show", "--data", str(data), *extra]) == 0
+        shown = capsys.readouterr().out
+        green = "".join(part.split("\033[0m")[0] for part in shown.split("\033[32m")[1:])
+        # the green text is exactly the supervised tokens' text (tool call and <|end|> included)
+        assert green == "".join(tokenizer.decode([t]) for t, m in zip(ids, mask) if m)
+        assert "<|tool_call|>" in green and "<|user|>" not in green
