@@ -125,6 +125,20 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return (1 - var_d / var_r).item() if var_r > 0 else float("nan")
 
 
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards of PPO for language models (Ziegler et al. 2019, Eq. 2): -kl_coef * KL at
+    every completion token, plus the sequence's score at its last completion token.
+    scores (N,), kl and mask (N, T) with each row's mask one contiguous run of 1s -> (N, T).
+
+    >>> token_rewards(torch.tensor([2.0]), torch.tensor([[0.0, 1.0, 1.0, 0.0]]), 0.5, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    tensor([[ 0.0000, -0.5000,  1.5000,  0.0000]])
+    """
+    rewards = torch.zeros_like(kl) - kl_coef * kl * mask  # (0 - x: no negative zeros)
+    last = mask.argmax(1) + (mask.sum(1) - 1).clamp(min=0).long()  # (N,) first completion position + length - 1
+    rewards[torch.arange(len(scores), device=mask.device), last] += scores * (mask.sum(1) > 0)
+    return rewards
+
+
 # ---- the policy with a value head ----
 
 class PolicyWithValue(nn.Module):
@@ -239,9 +253,7 @@ class PPORollouts:
         mask = loss_mask[:, 1:].float()  # (N, T-1): position t predicts token t+1
         logps, ref_logps, values = logps * mask, ref_logps * mask, values[:, :-1] * mask
         kl = kl_penalty(logps, ref_logps, c.kl_estimator) * mask
-        rewards = -self.kl.coef * kl
-        last = (mask.sum(1) - 1).clamp(min=0).long() + mask.argmax(1)  # (N,) the last completion position
-        rewards[torch.arange(len(seqs)), last] += scores.to(rewards.device)
+        rewards = token_rewards(scores.to(kl.device), kl, self.kl.coef, mask)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
