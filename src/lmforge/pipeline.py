@@ -4,13 +4,9 @@
 
 `demo()` is the whole life of a small LLM on a fresh machine in about ten minutes of CPU; it
 reports progress through a `log(str)` callback (the CLI prints it) and leaves an ordinary
-pretraining run directory that `lmforge sample/generate/chat/eval --run DIR` use. Later stages
-(SFT, DPO, RAG, tools) join the demo here.
-
-The tokenizer splits numbers into single digits (as Llama and DeepSeek do) instead of GPT-4's
-groups of up to three: with one token per digit, addition is a per-column rule a small model can
-learn from a few thousand examples, where whole-number tokens would make it a 100 x 100 lookup
-table with the held-out cells never seen.
+pretraining run directory that `lmforge sample/generate/chat/eval --run DIR` use. The tokenizer
+splits numbers into single digits (prepare_world_data says why). Alignment, RAG and tools are
+their own stages (`lmforge sft`, `dpo`, `rag`, ...) and not part of the demo yet.
 """
 
 from __future__ import annotations
@@ -72,8 +68,9 @@ def prepare_world_data(data_dir: Path, size: str, vocab_size: int, seed: int, pr
     """Built-in world -> tokenizer -> shards under data_dir (stages 1-3 of 5); returns the shards directory.
 
     The tokenizer uses the "digits" split pattern (numbers cut into single digits), so arithmetic
-    is a per-digit rule for a small model. Each stage is skipped when its output exists (a resumed
-    run, or a second run into the same dir); `timings`, when given, receives seconds per stage.
+    is a per-digit rule for a small model (whole-number tokens, as GPT-4's groups of up to three
+    digits, would make it a 100 x 100 lookup table whose held-out cells are never seen). Each
+    stage is skipped when its output exists (a resumed run, or a second run into the same dir); `timings`, when given, receives seconds per stage.
     `lmforge pretrain` without --data passes this function to `pretrain(prepare_data=...)`.
     """
     log = log or (lambda msg: None)

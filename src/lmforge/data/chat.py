@@ -3,13 +3,11 @@
     <|bos|><|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
                                                               ^^^^^^^^^^^^^ loss_mask = 1
 
-Each turn is `<|role|>content<|end|>`. The mask is 1 on the assistant's content and on its
-closing `<|end|>` (so the model learns when to stop), 0 on everything else, including the
-`<|assistant|>` marker that the prompt itself supplies. Message text is encoded as ordinary
-text: a user typing "<|end|>" cannot forge a turn boundary. An assistant message's
-`tool_calls` (OpenAI shape) follow its content as
-`<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>`, and a tool's answer is a
-`<|tool|>` turn. `add_generation_prompt=True` ends the ids with `<|assistant|>` for generation.
+Each turn is `<|role|>content<|end|>`; the mask is 1 on the assistant's content and its closing
+`<|end|>` (so the model learns when to stop), 0 elsewhere, `<|assistant|>` included. Message text
+is encoded as ordinary text: a user typing "<|end|>" cannot forge a turn. `tool_calls` (OpenAI
+shape) follow the content as `<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>`; a
+tool's answer is a `<|tool|>` turn.
 """
 
 from __future__ import annotations

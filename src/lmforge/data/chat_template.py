@@ -1,19 +1,11 @@
 """Chat templates as Hugging Face writes them: lmforge's own as Jinja, and any model's rendered with
 jinja2 exactly as `transformers` does, returning `(ids, assistant_mask)`.
 
-    CHAT_TEMPLATE                                   render_chat as a Jinja `chat_template`
-    write_tokenizer_config(tokenizer, run_dir, n)   tokenizer_config.json + special_tokens_map.json
-    render_template(template, tokenizer, messages, special_tokens, add_generation_prompt=False, tools=None)
-        -> (ids, mask)                              any HF template (mask from {% generation %} or prefixes)
-    chat_renderer(model_dir, tokenizer) -> render(messages, add_generation_prompt=False) -> (ids, mask)
-        lmforge runs -> render_chat; HF dirs -> their own template (ValueError when it has none)
-
-Mask without `{% generation %}` (most Hub templates): for each assistant message i, render
-messages[:i] with the generation prompt (P) and messages[:i+1] (N); both must be prefixes of the
-whole conversation's text, and the assistant's span is text[len(P):len(N)], cut after its last
-special token (its end-of-turn, e.g. `<|im_end|>`), so a template's trailing newline is not
-supervised. A template whose earlier turns render differently once later turns exist (e.g. one
-that drops past reasoning) is not prefix-stable; it is refused with a message to add the tag.
+CHAT_TEMPLATE is render_chat as a Jinja `chat_template`; write_tokenizer_config puts it in a run's
+tokenizer_config.json. render_template renders any HF template; chat_renderer(model_dir, tokenizer)
+picks render_chat for lmforge runs and a checkpoint's own template otherwise. The mask comes from
+`{% generation %}`, else prefix by prefix (render_template); a template that is not prefix-stable
+is refused with a message to add the tag (docs/alignment.md, *The chat format*).
 """
 
 from __future__ import annotations
@@ -168,7 +160,12 @@ def render_template(template: str, tokenizer, messages: list[dict], special_toke
                     add_generation_prompt: bool = False, tools=None) -> tuple[list[int], list[int]]:
     """A Hugging Face chat template -> (ids, assistant mask), as `apply_chat_template(messages,
     tokenize=True, return_assistant_tokens_mask=True)` gives them. `special_tokens`: bos_token,
-    eos_token, ... as the template expects them (tokenizer_config.json's values)."""
+    eos_token, ... as the template expects them (tokenizer_config.json's values).
+
+    Without `{% generation %}` (most Hub templates): for each assistant message i, messages[:i]
+    with the generation prompt (P) and messages[:i+1] (N) must both render as prefixes of the
+    whole conversation's text; the assistant's span is text[len(P):len(N)], cut after its last
+    special token (the end-of-turn, e.g. `<|im_end|>`), so a trailing newline is not supervised."""
     text, spans = render_text(template, messages, special_tokens, add_generation_prompt, tools)
     if not _has_generation_tag(template):
         spans = _prefix_spans(template, messages, special_tokens, tools, text, tokenizer)

@@ -1,16 +1,12 @@
 """Task accuracy: a model answers the world's evaluation sets by greedy generation and each answer
 is scored by its `EvalItem` (exact match and normalised match).
 
-    from lmforge.eval.tasks import evaluate_tasks, load_tasks
-    tasks = load_tasks("runs/demo/data/world")           # or World(seed).tasks()
-    report = evaluate_tasks(model, tokenizer, tasks)     # {"addition_2digit": TaskResult, ...}
-    evaluate_run("runs/demo", "runs/demo/data/world")   # the same from a run directory, as JSON-ready dicts
-
-Completion items are plain text prompts; generation stops at the item's stop strings (a newline
-for one-line answers). Chat items (system-prompt compliance) are rendered with the chat template
-(`lmforge.data.chat.render_chat`) and stop at `<|end|>`. Tool-use items need the tool-call loop
-and are skipped here (reported with `skipped`). Prompts are batched through
-`lmforge.infer.engine.Engine`, which keeps a KV cache per row.
+evaluate_tasks(model, tokenizer, tasks) scores loaded sets (load_tasks(world_dir) or
+World(seed).tasks()); evaluate_run(run_dir, world_dir) does the same from a run directory, as
+JSON-ready dicts. Completion items are plain text prompts that stop at the item's stop strings;
+chat items (system-prompt compliance) go through `lmforge.data.chat.render_chat` and stop at
+`<|end|>`; tool-use items need the tool-call loop and are reported as `skipped`. Prompts are
+batched through `lmforge.infer.engine.Engine`.
 """
 
 from __future__ import annotations

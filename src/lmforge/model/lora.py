@@ -1,19 +1,11 @@
 """LoRA (Hu et al. 2021): a frozen Linear W plus a trained low-rank update, y = W x + (alpha/r) B A x.
 
-    apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj")))
-        -> the same model, its matching Linears replaced by LoRALinear; only lora_A/lora_B train
-    save_adapter(model, dir, base="runs/base")   adapter_model.safetensors + adapter_config.json (PEFT)
-    load_adapter(model, dir)                     apply the saved config and load the adapter weights
-    merge_lora(model)                            W += (alpha/r) B A, LoRALinear -> Linear (in place)
-    lora_state_dict(model)                       the adapter tensors under our names
-
-A target is a Linear's last name (`q_proj` ... `down_proj`, `lm_head`). B starts at zero (the
-model starts as the base), A as PEFT initialises it. A LoRALinear keeps the base `weight`/`bias`
-under the same keys, so a LoRA model's state_dict is the base's plus `*.lora_A.weight` /
-`*.lora_B.weight`. The adapter files use PEFT's layout and names
-(`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so
+apply_lora replaces the target Linears (by last name: `q_proj` ... `down_proj`, `lm_head`) with
+LoRALinear, which keeps the base `weight`/`bias` keys and adds `lora_A`/`lora_B` (B starts at zero,
+so the model starts as the base; A as PEFT initialises it). save_adapter / load_adapter write and
+read PEFT's files and names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so
 `peft.PeftModel.from_pretrained(to_hf(base), dir)` loads them onto the HF export (Llama-shaped
-families; GPT-2's fused c_attn has no per-projection names).
+families; GPT-2's fused c_attn has no per-projection names). merge_lora folds the update in.
 """
 
 from __future__ import annotations

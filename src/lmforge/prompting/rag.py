@@ -4,19 +4,10 @@
     hits = search("docs.db", "How long is the Brarken river?", k=5)      # hybrid BM25 + vectors
     answer = ask(engine, "docs.db", "How long is the Brarken river?")    # answer.text, answer.citations
 
-The database holds (schema version in `meta`):
-    meta(key, value)                 format marker, version, chunking and embedder config, IDF counts
-    documents(id, doc_id, path, title, hash)   one row per document; hash = sha256 of title + text
-    chunks(id, document, position, text, n_tokens)
-    chunks_fts                       FTS5 over chunk text (rowid = chunks.id), ranked by BM25
-    embeddings(chunk, vector)        float32 term-frequency vectors (embed.py), IDF applied at query time
-Every index run is one transaction: a crash or Ctrl-C leaves the previous index as it was.
-Hybrid retrieval fuses the BM25 and vector rankings by reciprocal rank fusion (Cormack et al.
-2009): score = sum over rankings of 1 / (RRF_K + rank).
-
-When the best hit's BM25 score is below `threshold` (DEFAULT_THRESHOLD, measured on the
-world, see docs/prompting.md), `ask` answers NO_ANSWER without calling the model: a question
-about something no document names matches only common words, which BM25 weighs little.
+The tables are in SCHEMA (meta, documents, chunks, chunks_fts: FTS5 ranked by BM25, embeddings);
+every index run is one transaction, so a crash or Ctrl-C leaves the previous index as it was.
+Hybrid retrieval is reciprocal rank fusion (Cormack et al. 2009) of the BM25 and vector rankings.
+Below `threshold` (the best hit's BM25 score) `ask` answers NO_ANSWER without calling the model.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """Run untrusted Python (the `python` tool) in a separate, limited process.
 
-Layers, outermost first (each stands where the one before it fails):
-1. a new network namespace (`unshare(CLONE_NEWNET)` through libc): no interface but a down
-   loopback, so nothing can be reached. Where the kernel refuses (no CAP_SYS_ADMIN), the audit
-   hook of layer 4 refuses every socket connect/bind/send instead (`SandboxResult.network`
-   says which held);
-2. a throw-away user id when we are root (setuid/setgid to a random uid above 200000, after the
-   interpreter and a fixed set of standard modules have loaded: math, json, re, fractions, ...;
-   other imports may then fail where Python's files are unreadable to that uid), so the
-   process-count limit applies (root ignores RLIMIT_NPROC) and every process of that uid can be
-   killed afterwards, even one that left the process group;
-3. resource limits (setrlimit): CPU seconds, address space, processes, file size, open files;
-   a wall-clock timeout kills the whole process group; output beyond `max_output` bytes kills too;
-4. `python -I -S` (isolated: no environment variables, no user site, no site-packages) in an
-   empty temporary directory with a stripped environment, and an audit hook (PEP 578) installed
-   before the code runs: opening files outside the working directory and Python's standard
-   library, listing other directories, exec/spawn/system/subprocess, and importing ctypes are
-   refused. Audit hooks alone are no security boundary; here they sit inside the OS limits.
+Layers, outermost first, each standing where the one before fails: (1) a new network namespace
+(`unshare(CLONE_NEWNET)`; where the kernel refuses, the audit hook refuses sockets instead and
+`SandboxResult.network` says which held); (2) a throw-away uid when run as root, so RLIMIT_NPROC
+applies and every process of that uid can be killed afterwards; (3) setrlimit limits, a
+wall-clock timeout on the process group and an output cap; (4) `python -I -S` in an empty
+temporary directory with a stripped environment and a PEP 578 audit hook refusing files outside
+it, exec/spawn/system/subprocess and ctypes. An audit hook alone is no security boundary; here it
+sits inside the OS limits (docs/prompting.md, *The Python sandbox*).
 """
 
 from __future__ import annotations

@@ -4,12 +4,10 @@ tool-call loop inside generation.
     registry = ToolRegistry([calculator_tool(), python_tool(), search_tool("docs.db")])
     registry.register(my_function)                 # a typed function becomes a tool
     result = run_with_tools(engine, [{"role": "user", "content": "What is 4821 * 37?"}], registry)
-    result.messages[-1]["content"], result.tool_calls, result.prefix_cache_hits
 
-A tool never crashes the loop: bad arguments (checked against the tool's JSON Schema), an
-exception, a timeout or a result that is not JSON all become an error message in the `tool` turn.
-Tool output is encoded as plain text, so a result holding "<|tool_call|>" or "<|end|>" cannot
-start a call or forge a turn.
+A tool never crashes the loop: bad arguments (checked against its JSON Schema), an exception, a
+timeout or a result that is not JSON become an error message in the `tool` turn. Tool output is
+encoded as plain text, so it cannot start a call or forge a turn.
 """
 
 from __future__ import annotations
