@@ -1,16 +1,12 @@
 """Command-line flags read from a config dataclass, so a default lives in one place (the field)
-and `--help` shows it once.
+and `--help` shows it once: add_config_flags(parser, Config, ...) adds them, and
+Config(**given(args, names)) builds the config from the flags the user gave.
 
-    names = add_config_flags(p, TrainConfig, skip={"progress"}, rename={"warmup_steps": "warmup"},
-                             help=TRAIN_HELP, choices=TRAIN_CHOICES)
-    cfg = TrainConfig(**given(args, names))       # the fields the user gave; the rest keep their defaults
-
-One flag per field: `--field-name` (kebab-case, or `rename`), the field's type (`int | None` is
-an int flag, `tuple[str, ...]` a comma-separated list), help from `field(metadata={"help": ...})`
-or the `help` dict, choices from metadata["choices"] or the `choices` dict. A bool defaulting to
-False is a store_true flag; one defaulting to True gets --x/--no-x. The parser's own default is
-SUPPRESS: the namespace holds only the flags given, so a stage can tell "not given" from "given
-the default" (a resumed run keeps its own values for the flags not given).
+One `--kebab-case` flag per field (or `rename`), typed from the annotation (`int | None` as int,
+`tuple[str, ...]` comma-separated), help and choices from the field's metadata or the dicts
+passed; a bool gets store_true (default False) or --x/--no-x (default True). The parser default
+is SUPPRESS, so a stage tells "not given" from "given the default" (a resumed run keeps its own
+values for the flags not given).
 """
 
 from __future__ import annotations

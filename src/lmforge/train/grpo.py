@@ -1,18 +1,12 @@
 """GRPO: group relative policy optimisation with verifiable rewards (Shao et al. 2024,
 "DeepSeekMath", Sec. 4.1): n completions per prompt, each one's advantage is its reward relative to
-its group's, no value model. With the DAPO changes (Yu et al. 2025): separate low/high clip and
-token-level loss normalisation; and Dr. GRPO's (Liu et al. 2025) constant normaliser.
+its group's, no value model. With the DAPO changes (Yu et al. 2025: separate low/high clip,
+token-level loss normalisation) and Dr. GRPO's (Liu et al. 2025) constant normaliser.
 
-Loss functions: group_advantages(rewards, group_size, scale_rewards), grpo_loss(...)
-Reward functions: plain callables f(prompts, completions, **columns) -> list[float];
-    built in: world_answer_reward (EvalItem.score's exact match), format_reward.
-GRPORollouts: the batch source (samples the live policy through one kept Engine).
-grpo(policy, out, GRPOConfig, TrainConfig, reward_funcs=None) -> summary   the stage.
-
-What differs from DeepSeekMath's GRPO: one policy update per rollout by default (so the ratio is 1 at
-the update and the clip acts only through the gradient's form, as in TRL with num_iterations=1); the
-KL term is off by default (beta=0, as TRL); token-level "dapo" normalisation and clip-higher are the
-defaults; outcome rewards only (no process supervision).
+Reward functions are plain callables f(prompts, completions, **columns) -> list[float]; built in:
+world_answer_reward (EvalItem.score's exact match) and format_reward. GRPORollouts samples the
+live policy through one kept Engine; grpo() is the stage. What differs from DeepSeekMath's GRPO
+(one update per rollout, no KL term by default, "dapo" normalisation): docs/alignment.md, *GRPO*.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Reward model: the transformer with a scalar head on the last non-pad token, trained on
 preference pairs with the Bradley-Terry loss (Ouyang et al. 2022, "InstructGPT", Eq. 1).
 
-    bradley_terry_loss(r_chosen, r_rejected, margin=None, center_coef=0.0) -> loss
-    as_reward_model(transformer)      lm_head replaced by a (1, C) score head, in place
-    reward_objective(model, batch)    the loss + accuracy and margin, for lmforge.train.loop.train
-    reward(base, out, RewardConfig, TrainConfig) -> summary   the stage; writes a run directory
-    load_reward_model(run_dir) / RewardScorer(run_dir)(prompts, completions) -> list[float]
-
-A reward run directory is a run directory whose head has one output (config.json keeps the base's
-vocab_size; model.safetensors holds lm_head.weight of shape (1, n_embd)) plus reward_model.json
-({"reward_model": true, "tokenizer_hash", "base"}); tokenizer files as the base's.
+as_reward_model swaps lm_head for a (1, C) score head; reward_objective is the loss plus accuracy
+and margin for lmforge.train.loop.train; reward() is the stage; RewardScorer(run_dir)(prompts,
+completions) -> list[float] scores replies (PPO uses it). A reward run directory is a normal one
+whose model.safetensors holds lm_head.weight of shape (1, n_embd) (config.json keeps the base's
+vocab_size), plus reward_model.json ({"reward_model": true, "tokenizer_hash", "base"}).
 """
 
 from __future__ import annotations

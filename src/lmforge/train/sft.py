@@ -1,19 +1,12 @@
 """Supervised fine-tuning: next-token loss on what the assistant says, nothing else.
 
-    read_conversations(path) -> [messages]       `messages` JSONL (OpenAI/TRL, tool calls) or
-                                                 {prompt, completion} JSONL; errors name file:line
-    load_base(path) -> Base(model, tokenizer, render, end_id, hf)   an lmforge run or an HF checkpoint dir
-    tokenize(render, conversations) -> [(ids, mask)]
-    pack(examples, seq_len, pad_id) / pad_rows(...) -> rows   (idx, targets, positions, segment_ids)
-    SFTBatches(rows, batch_size, seed)           batch source with state_dict() (exact resume, DDP-sharded)
-    sft_objective(model, batch) -> (loss, metrics)
-    sft(base, out, SFTConfig, TrainConfig)       the stage: full or LoRA; writes a run directory
-
-Packing (on by default) lays short examples end to end in windows of seq_len tokens; a token
-attends only to its own example (segment_ids -> block-diagonal causal mask) and positions restart
-at 0 per example, so a packed example's logits equal the unpacked ones. The loss is the sum of the
-token losses over the *global* batch's supervised-token count, so N processes with B rows each
-take the same step as one process with N*B rows (DDP averages gradients over ranks).
+The base is an lmforge run or an HF checkpoint directory (load_base); the data `messages` JSONL
+(OpenAI/TRL, tool calls) or {prompt, completion} JSONL (read_conversations; errors name file:line).
+Packing (pack, on by default) lays examples end to end; segment_ids give a block-diagonal causal
+mask and positions restart per example, so packed logits equal unpacked ones. The loss is the
+token losses' sum over the *global* batch's supervised-token count, so N processes with B rows
+take the same step as one with N*B rows (sft_objective). sft() is the stage, full or LoRA, and
+writes a run directory (docs/alignment.md, *SFT*).
 """
 
 from __future__ import annotations
