@@ -151,3 +151,19 @@ def test_resume_keeps_the_runs_own_values_for_flags_not_given(tmp_path):
     assert saved["data"]["sample_tokens"] == 0 and saved["model"]["n_layer"] == 1
     state = json.loads((tmp_path / "r" / "train_state" / "state.json").read_text())
     assert state["step"] == 3
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo", "grpo", "ppo"])
+def test_alignment_stages_show_their_own_training_defaults(stage, monkeypatch):
+    """A stage that trains with other defaults than TrainConfig's (DPO's lr 5e-6) shows those, once."""
+    from lmforge.train import dpo, grpo, ppo, reward, sft
+
+    stage_defaults = {"sft": sft.SFT_TRAIN_DEFAULTS, "reward": reward.REWARD_TRAIN_DEFAULTS, "dpo": dpo.DPO_TRAIN_DEFAULTS,
+                      "grpo": grpo.GRPO_TRAIN_DEFAULTS, "ppo": ppo.PPO_TRAIN_DEFAULTS}[stage]
+    lines = help_lines(stage, monkeypatch)
+    for name in ("max_steps", "lr", "warmup_steps", "weight_decay"):
+        line = lines[name]
+        assert line.count("(default:") == 1, line
+        shown = re.findall(r"\(default: (.*)\)$", line)[0]
+        assert shown == str(stage_defaults.get(name, getattr(TrainConfig(), name))), (stage, name, line)
+    assert "defaults for the training flags" not in subparser(stage).format_help()

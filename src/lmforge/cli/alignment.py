@@ -41,17 +41,15 @@ from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_con
 # ---- sft ----
 
 def _register_sft(subparsers) -> None:
-    defaults = ", ".join(f"{k}={v}" for k, v in SFT_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "sft", "supervised fine-tuning on conversations (full or LoRA)", cmd_sft,
                     description="Fine-tune a base model (an lmforge run or a local HF checkpoint directory) on "
-                                "conversations, loss on the assistant's tokens only. "
-                                f"SFT's own defaults for the training flags: {defaults}.")
+                                "conversations, loss on the assistant's tokens only.")
     p.add_argument("--run", required=True, help="base model: lmforge run directory or HF checkpoint directory")
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_config_flags(p, SFTConfig)
-    add_train_flags(p)
+    add_train_flags(p, defaults=SFT_TRAIN_DEFAULTS)
 
 
 def cmd_sft(args) -> int:
@@ -133,18 +131,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def _register_reward(subparsers) -> None:
-    defaults = ", ".join(f"{k}={v}" for k, v in REWARD_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "reward", "train a reward model on preference pairs (Bradley-Terry); `reward score` scores",
                     cmd_reward, description="Train a reward model (the base transformer with a scalar head on the last "
-                    "token) on {prompt, chosen, rejected} pairs; held-out accuracy and margin per `reason`. "
-                    f"The reward stage's defaults for the training flags: {defaults}.")
+                    "token) on {prompt, chosen, rejected} pairs; held-out accuracy and margin per `reason`.")
     p.set_defaults(_parser=p)
     p.add_argument("--run", help="base model: lmforge run directory or HF checkpoint directory (usually the SFT run)")
     p.add_argument("--out", help="output reward model directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_config_flags(p, RewardConfig)
-    add_train_flags(p)
+    add_train_flags(p, defaults=REWARD_TRAIN_DEFAULTS)
     sub = p.add_subparsers(title="commands", metavar="<command>")
     s = add_command(sub, "score", "score a JSONL file with a reward model", cmd_reward_score,
                     description="Preference pairs {prompt, chosen, rejected}: pairwise accuracy and margin (per reason). "
@@ -186,16 +182,15 @@ def cmd_reward_score(args) -> int:
 # ---- dpo, grpo, ppo ----
 
 def _register_dpo(subparsers) -> None:
-    defaults = ", ".join(f"{k}={v}" for k, v in DPO_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "dpo", "direct preference optimisation on preference pairs (sigmoid, IPO, robust)", cmd_dpo,
                     description="DPO from an SFT run against a frozen reference whose log-probs are computed once, "
-                                f"before training. DPO's defaults for the training flags: {defaults}.")
+                                "before training.")
     p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_config_flags(p, DPOConfig)
-    add_train_flags(p)
+    add_train_flags(p, defaults=DPO_TRAIN_DEFAULTS)
 
 
 def cmd_dpo(args) -> int:
@@ -205,16 +200,15 @@ def cmd_dpo(args) -> int:
 
 
 def _register_grpo(subparsers) -> None:
-    defaults = ", ".join(f"{k}={v}" for k, v in GRPO_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "grpo", "GRPO with verifiable rewards (group-normalised advantages, DAPO clip)", cmd_grpo,
                     description="GRPO: n samples per prompt through the engine, rewarded by the world's exact answer "
-                                f"check (and/or a format check). GRPO's defaults for the training flags: {defaults}.")
+                                "check (and/or a format check).")
     p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_config_flags(p, GRPOConfig, parse={"reward_weights": lambda text: tuple(float(x) for x in text.split(","))})
-    add_train_flags(p)
+    add_train_flags(p, defaults=GRPO_TRAIN_DEFAULTS)
 
 
 def cmd_grpo(args) -> int:
@@ -224,16 +218,15 @@ def cmd_grpo(args) -> int:
 
 
 def _register_ppo(subparsers) -> None:
-    defaults = ", ".join(f"{k}={v}" for k, v in PPO_TRAIN_DEFAULTS.items())
     p = add_command(subparsers, "ppo", "PPO against a reward model (value head, KL penalty, GAE)", cmd_ppo,
                     description="PPO: rollouts through the engine scored by --reward-model, per-token KL penalty to the "
-                                f"frozen reference, GAE, clipped losses. PPO's defaults for the training flags: {defaults}.")
+                                "frozen reference, GAE, clipped losses.")
     p.add_argument("--run", required=True, help="policy to start from (SFT run or HF checkpoint directory)")
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_config_flags(p, PPOConfig)
-    add_train_flags(p)
+    add_train_flags(p, defaults=PPO_TRAIN_DEFAULTS)
 
 
 def cmd_ppo(args) -> int:

@@ -53,19 +53,22 @@ def _field_default(f: dataclasses.Field):
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, *, skip=(), rename: dict | None = None,
-                     help: dict | None = None, choices: dict | None = None, parse: dict | None = None) -> list[str]:
+                     help: dict | None = None, choices: dict | None = None, parse: dict | None = None,
+                     defaults: dict | None = None) -> list[str]:
     """Add one flag per field of the dataclass `config_cls` (except `skip`); returns the field names.
 
+    `defaults[name]` is the default a stage applies instead of the field's own (SFT's lr, DPO's
+    max_steps): --help shows that one, so each flag still states the one default in force.
     The flag's dest is the field name, so `given(args, names)` maps straight back to the config.
     `parse[name]` replaces the parsing function of a field (e.g. `str` for a duration the stage converts).
     """
-    rename, help, choices, parse = rename or {}, help or {}, choices or {}, parse or {}
+    rename, help, choices, parse, defaults = rename or {}, help or {}, choices or {}, parse or {}, defaults or {}
     hints = typing.get_type_hints(config_cls)
     names = []
     for f in dataclasses.fields(config_cls):
         if f.name in skip:
             continue
-        default = _field_default(f)
+        default = defaults[f.name] if f.name in defaults else _field_default(f)
         flag = rename.get(f.name, f.name).replace("_", "-")
         text = f.metadata.get("help") or help.get(f.name, "")
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS,

@@ -73,13 +73,13 @@ def parse_duration(text: str | None) -> float | None:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
-def add_train_flags(parser, skip=()) -> list[str]:
+def add_train_flags(parser, skip=(), defaults: dict | None = None) -> list[str]:
     """The TrainConfig flags of every training stage (--max-steps, --lr, --warmup, ...); returns the field names.
 
     `progress` is the stage's --quiet and `distributed` its --fsdp; --max-time is a duration string
-    (convert it with parse_duration)."""
+    (convert it with parse_duration). `defaults`: the stage's own training defaults, shown in --help."""
     return add_config_flags(parser, TrainConfig, skip={"progress", "distributed", *skip}, rename={"warmup_steps": "warmup"},
-                            help=TRAIN_HELP, choices=TRAIN_CHOICES, parse={"max_time": str})
+                            help=TRAIN_HELP, choices=TRAIN_CHOICES, parse={"max_time": str}, defaults=defaults)
 
 
 def register(subparsers):

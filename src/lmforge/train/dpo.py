@@ -72,8 +72,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 @dataclass
 class DPOConfig:
     data: tuple[str, ...] = field(default=(), metadata={"help": "JSONL files of preference pairs {prompt, chosen, rejected}; empty: the world's preferences/pairs.jsonl"})
-    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
-    reference: str | None = field(default=None, metadata={"help": "reference model directory (default: the policy's own starting weights)"})
+    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); none: OUT/world"})
+    reference: str | None = field(default=None, metadata={"help": "reference model directory; none: the policy's own starting weights"})
     beta: float = field(default=0.1, metadata={"help": "KL strength beta (IPO: tau)"})
     loss: str = field(default="sigmoid", metadata={"help": "DPO variant", "choices": list(LOSS_TYPES)})
     label_smoothing: float = field(default=0.0, metadata={"help": "robust DPO: assumed probability that a pair's label is flipped"})

@@ -265,11 +265,11 @@ def grpo_objective(model, batch: dict, epsilon_low: float = 0.2, epsilon_high: f
 
 @dataclass
 class GRPOConfig:
-    data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt (string or messages), answer, ...columns}; default: the world's task --task"})
+    data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt (string or messages), answer, ...columns}; none: the world's task --task"})
     task: str = field(default="arithmetic_cot", metadata={"help": "world task whose items are the prompts (default data)"})
     world_seed: int = field(default=0, metadata={"help": "seed of the built-in world"})
     rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format)"})
-    reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions (default 1 each)"})
+    reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions; empty: 1 each"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per process per step"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens per completion"})

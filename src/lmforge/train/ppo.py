@@ -181,9 +181,9 @@ class AdaptiveKL:
 @dataclass
 class PPOConfig:
     reward_model: str | None = field(default=None, metadata={"help": "reward model run directory (lmforge reward); required"})
-    data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt: string or messages}; default: the world's preference prompts"})
-    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
-    reference: str | None = field(default=None, metadata={"help": "reference model directory (default: the policy's starting weights)"})
+    data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt: string or messages}; none: the world's preference prompts"})
+    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); none: OUT/world"})
+    reference: str | None = field(default=None, metadata={"help": "reference model directory; none: the policy's starting weights"})
     rollout_size: int = field(default=16, metadata={"help": "completions per rollout (one per prompt)"})
     minibatch_size: int = field(default=8, metadata={"help": "completions per optimizer step"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout"})

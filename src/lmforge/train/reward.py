@@ -171,7 +171,7 @@ class RewardScorer:
 @dataclass
 class RewardConfig:
     data: tuple[str, ...] = field(default=(), metadata={"help": "JSONL files of preference pairs {prompt, chosen, rejected[, reason, margin]}; empty: the world's preferences/pairs.jsonl"})
-    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
+    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); none: OUT/world"})
     max_len: int = field(default=256, metadata={"help": "tokens per sequence (prompt + reply; longer ones are cut)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per process per micro-batch"})
     eval_pairs: int = field(default=200, metadata={"help": "held-out pairs (accuracy and margin per reason)"})

@@ -40,8 +40,8 @@ IGNORE = -100
 @dataclass
 class SFTConfig:
     data: tuple[str, ...] = field(default=(), metadata={"help": "JSONL files of conversations (messages or prompt/completion); empty: the world's chat/sft.jsonl + chat/tools.jsonl"})
-    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); default OUT/world"})
-    seq_len: int | None = field(default=None, metadata={"help": "tokens per training row, longer examples are cut (default: the model's block_size)"})
+    world_dir: str | None = field(default=None, metadata={"help": "built-in world directory (generated there, small, when absent); none: OUT/world"})
+    seq_len: int | None = field(default=None, metadata={"help": "tokens per training row, longer examples are cut; none: the model's block_size"})
     batch_size: int = field(default=8, metadata={"help": "rows per process per micro-batch"})
     packing: bool = field(default=True, metadata={"help": "pack short examples into full rows (no attention across examples)"})
     eval_examples: int = field(default=64, metadata={"help": "held-out conversations (loss and end-of-turn rate)"})
