@@ -32,6 +32,7 @@ from lmforge.train.distributed import setup_distributed
 from lmforge.train.logps import pad_rollouts, sequence_logps, split_heldout
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.ppo import kl_penalty, masked_mean
+from lmforge.train.sampler import EpochOrder, rank_slice
 from lmforge.train.sft import load_base, write_tokenizer_files
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -180,26 +181,14 @@ class GRPORollouts:
         self.scale_rewards, self.end_ids, self.pad_id, self.ref_model = scale_rewards, list(end_ids), pad_id, ref_model
         self.rank, self.world, self.device = rank, world, device
         self.engine = Engine(model, tokenizer)  # kept: it follows the policy's in-place updates
-        self.epoch = self.position = self.step = 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.rollout.seed * 1000003 + self.epoch)
-        return torch.randperm(len(self.items), generator=g).tolist()
+        self.order, self.step = EpochOrder(len(items), rollout.seed), 0
 
     def __iter__(self):
         return self
 
     def _next_items(self) -> list[PromptItem]:
-        picked = []
-        while len(picked) < self.rollout.prompts_per_step * self.world:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            picked.append(self._order[self.position])
-            self.position += 1
         n = self.rollout.prompts_per_step
-        return [self.items[i] for i in picked[self.rank * n:(self.rank + 1) * n]]
+        return [self.items[i] for i in rank_slice(self.order.take(n * self.world), self.rank, n)]
 
     def score(self, items: list[PromptItem], texts: list[str]) -> torch.Tensor:
         """Weighted sum of the reward functions (N,); each is called with the prompts, the completions
@@ -244,11 +233,11 @@ class GRPORollouts:
                           "completion_len": lengths.mean().item(), "truncated": truncated.float().mean().item()}}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "step": self.step}
+        return {**self.order.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self.step = int(state["epoch"]), int(state["position"]), int(state["step"])
-        self._order = self._permutation()
+        self.order.load_state_dict(state)
+        self.step = int(state["step"])
 
 
 def grpo_objective(model, batch: dict, epsilon_low: float = 0.2, epsilon_high: float = 0.2, beta: float = 0.0,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.io import read_jsonl
+from lmforge.train.sampler import EpochOrder, rank_slice
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,38 +153,25 @@ class PairBatches:
                  device="cpu", extra: Callable[[list[int]], dict] | None = None):
         if not rows:
             raise ValueError("no preference pairs to train on")
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
         self.rank, self.world, self.device, self.extra = rank, world, device, extra
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return torch.randperm(len(self.rows), generator=g).tolist()
+        self.order = EpochOrder(len(rows), seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        picked = []
-        while len(picked) < self.batch_size * self.world:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            picked.append(self._order[self.position])
-            self.position += 1
-        mine = picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = rank_slice(self.order.take(self.batch_size * self.world), self.rank, self.batch_size)
         batch = collate_pairs([self.rows[i] for i in mine], self.pad_id, self.device)
         if self.extra is not None:
             batch.update(self.extra(mine))
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
+        self.order.load_state_dict(state)
 
 
 def pad_rollouts(seqs: list[list[int]], masks: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

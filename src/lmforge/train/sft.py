@@ -33,6 +33,7 @@ from lmforge.model.pretrained import save_pretrained
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import barrier, setup_distributed
 from lmforge.train.loop import TrainConfig, train
+from lmforge.train.sampler import EpochOrder, rank_slice
 
 IGNORE = -100
 
@@ -165,37 +166,22 @@ class SFTBatches:
     def __init__(self, rows: list[dict], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1, device="cpu"):
         if not rows:
             raise ValueError("no training rows")
-        self.rows, self.batch_size, self.seed, self.rank, self.world, self.device = rows, batch_size, seed, rank, world, device
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        return torch.randperm(len(self.rows), generator=g).tolist()
+        self.rows, self.batch_size, self.rank, self.world, self.device = rows, batch_size, rank, world, device
+        self.order = EpochOrder(len(rows), seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        n = self.batch_size * self.world
-        picked = []
-        while len(picked) < n:
-            if self.position >= len(self._order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation()
-            picked.append(self._order[self.position])
-            self.position += 1
-        rows = [self.rows[i] for i in picked]
+        rows = [self.rows[i] for i in self.order.take(self.batch_size * self.world)]
         n_global = sum(t != IGNORE for r in rows for t in r["targets"])
-        mine = rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return collate(mine, n_global, self.world, self.device)
+        return collate(rank_slice(rows, self.rank, self.batch_size), n_global, self.world, self.device)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
+        self.order.load_state_dict(state)
 
 
 def sft_objective(model, batch: dict) -> tuple[torch.Tensor, dict]:
