@@ -24,7 +24,7 @@ from lmforge.io import atomic_write_json
 from lmforge.train.distributed import setup_distributed
 from lmforge.train.logps import PairBatches, PairRow, check_same_tokenizer, collate_pairs, sequence_logps
 from lmforge.train.loop import TrainConfig, train
-from lmforge.train.reward import default_preferences, load_pairs
+from lmforge.train.reward import preference_data
 from lmforge.train.sft import load_base, write_tokenizer_files
 
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
@@ -140,11 +140,7 @@ def dpo(policy_path: str | Path, out: str | Path, config: DPOConfig | None = Non
     out = Path(out)
     rank, world, device = setup_distributed()
     base = load_base(policy_path, device=device)
-    files = [Path(p) for p in config.data] or default_preferences(Path(config.world_dir) if config.world_dir else out / "world",
-                                                                  train_config.seed)
-    max_len = min(config.max_len, base.model.config.block_size)
-    rows, heldout = load_pairs(files, base.render, max_len, config.eval_pairs, train_config.seed)
-    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
+    files, rows, heldout, pad_id = preference_data(base, config, out, train_config.seed)
     if config.reference:
         ref_base = load_base(config.reference, device=device)
         check_same_tokenizer(ref_base.tokenizer, base.tokenizer, f"reference {config.reference}", f"policy {policy_path}")

@@ -131,17 +131,12 @@ def collate_pairs(rows: list[PairRow], pad_id: int, device="cpu") -> dict:
     of each row's last real token; margin (B,); chosen_lengths / rejected_lengths (B,)."""
     seqs = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
     masks = [r.chosen_mask for r in rows] + [r.rejected_mask for r in rows]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(m)] = torch.tensor(m)
+    ids, mask = pad_rollouts(seqs, masks, pad_id, device)
     lengths = mask[:, 1:].sum(1).float()
-    return {"input_ids": ids.to(device), "loss_mask": mask.to(device),
+    return {"input_ids": ids, "loss_mask": mask,
             "last_index": torch.tensor([len(s) - 1 for s in seqs], device=device),
             "margin": torch.tensor([r.margin for r in rows], dtype=torch.float, device=device),
-            "chosen_lengths": lengths[:len(rows)].to(device), "rejected_lengths": lengths[len(rows):].to(device)}
+            "chosen_lengths": lengths[:len(rows)], "rejected_lengths": lengths[len(rows):]}
 
 
 class PairBatches:

@@ -198,6 +198,17 @@ def load_pairs(files: list[Path], render, max_len: int, eval_pairs: int, seed: i
     return tokenize_preferences(render, train_prefs, max_len), tokenize_preferences(render, heldout, max_len)
 
 
+def preference_data(base, config, out: Path, seed: int):
+    """The reward and DPO stages' pairs: `config.data` files or the world's (generated under
+    `config.world_dir`, default out/world), cut to the model's context, split into train and
+    held-out -> (files, train rows, held-out rows, pad id)."""
+    files = [Path(p) for p in config.data] or default_preferences(Path(config.world_dir) if config.world_dir else out / "world", seed)
+    max_len = min(config.max_len, base.model.config.block_size)
+    rows, heldout = load_pairs(files, base.render, max_len, config.eval_pairs, seed)
+    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
+    return files, rows, heldout, pad_id
+
+
 def reward(base_path: str | Path, out: str | Path, config: RewardConfig | None = None,
            train_config: TrainConfig | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train a reward model from the model in `base_path` (run or HF directory) on preference
@@ -207,11 +218,7 @@ def reward(base_path: str | Path, out: str | Path, config: RewardConfig | None =
     out = Path(out)
     rank, world, device = setup_distributed()
     base = load_base(base_path, device=device)
-    files = [Path(p) for p in config.data] or default_preferences(Path(config.world_dir) if config.world_dir else out / "world",
-                                                                  train_config.seed)
-    max_len = min(config.max_len, base.model.config.block_size)
-    rows, heldout = load_pairs(files, base.render, max_len, config.eval_pairs, train_config.seed)
-    pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
+    files, rows, heldout, pad_id = preference_data(base, config, out, train_config.seed)
     model = as_reward_model(base.model, train_config.seed)
     data = PairBatches(rows, config.batch_size, pad_id, seed=train_config.seed, rank=rank, world=world, device=device)
     resolved = {"base": str(base_path), "reward": asdict(config), "train": asdict(train_config),
