@@ -15,7 +15,7 @@ from lmforge.infer.quantize import quantize_run
 from lmforge.infer.sampling import SamplingParams
 
 
-def add_sampling_flags(p, max_new_tokens: int = 128, temperature: float = 0.8) -> None:
+def add_sampling_flags(p, max_new_tokens: int = 128, temperature: float = 0.8, run_required: bool = True) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="stop after this many new tokens")
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
@@ -30,7 +30,7 @@ def add_sampling_flags(p, max_new_tokens: int = 128, temperature: float = 0.8) -
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
     g.add_argument("--truncate", action="store_true", help="drop the oldest prompt tokens when the prompt does not fit the context (off: an error)")
     r = p.add_argument_group("model")
-    r.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
+    r.add_argument("--run", required=run_required, help="run directory (config.json, model.safetensors, tokenizer.json)")
     r.add_argument("--device", default="cpu", help="torch device")
 
 
@@ -197,12 +197,11 @@ def register(subparsers) -> None:
     p = add_command(subparsers, "chat", "interactive chat in the terminal", cmd_chat,
                     description="Interactive chat with streaming answers. " + CHAT_HELP)
     p.add_argument("--system", help="system prompt")
-    add_sampling_flags(p, max_new_tokens=256, temperature=0.7)
+    add_sampling_flags(p, max_new_tokens=256, temperature=0.7, run_required=False)  # chat show may go without a model
     # `lmforge chat show --data FILE [--run DIR]`: a rendered example with its loss mask (lmforge.cli.alignment)
     p.add_argument("action", nargs="?", choices=["show"], help="show: print --data's first conversation(s) rendered, supervised tokens in green")
     p.add_argument("--data", help="chat show: JSONL of conversations")
     p.add_argument("--n", type=int, default=1, help="chat show: how many conversations")
-    next(a for a in p._actions if a.dest == "run").required = False  # chat show may go without a model
 
     p = add_command(subparsers, "quantize", "write an int8 / int4 weight-quantized copy of a run directory", cmd_quantize)
     p.add_argument("--run", required=True, help="run directory to quantize")
