@@ -146,6 +146,7 @@ class Scheduler:
         groups: dict[tuple[int, int], list] = {}
         for request in requests:
             start, blocks = self.prefix_cache.lookup(request.prompt_ids) if self.prefix_cache is not None else (0, [])
+            request.cached_tokens = start
             groups.setdefault((start, len(request.prompt_ids) - start), []).append((request, blocks))
         events = []
         for (start, T), group in groups.items():

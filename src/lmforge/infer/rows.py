@@ -49,6 +49,7 @@ class Request:
         self.max_tokens = max_tokens  # max_new_tokens, capped by the context end
         self.cancelled = False
         self.n_finished = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (set at admission)
 
 
 class Row:
