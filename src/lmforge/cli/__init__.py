@@ -27,6 +27,7 @@ COMMANDS = [
     "lmforge.cli.infer",  # sample, generate, chat, quantize
     "lmforge.cli.alignment",  # sft, lora merge (reward, dpo, ppo, grpo)
     "lmforge.cli.prompting",  # ask, rag index|search|ask
+    "lmforge.cli.serve",  # serve
 ]
 
 
