@@ -1,4 +1,7 @@
-"""`lmforge ask` and `lmforge rag index|search|ask`: thin wrappers on lmforge.prompting."""
+"""`lmforge ask` and `lmforge rag index|search|ask`: thin wrappers on lmforge.prompting.
+
+Both `ask` verbs run on the local engine (`--run`) or, with `--backend openai`, on any
+OpenAI-compatible server through the official client (lmforge.prompting.openai_backend)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ def register(subparsers):
     p = add_command(subparsers, "ask", "answer one question with a prompting strategy: few-shot, chain-of-thought, self-consistency, system prompt",
                     func=cmd_ask)
     p.add_argument("question", help="the question")
-    p.add_argument("--run", required=True, help="run directory (config.json, model.safetensors, tokenizer.json)")
+    add_backend_flags(p)
     p.add_argument("--shots", type=int, default=0, help="worked examples before the question")
     p.add_argument("--similar", action="store_true", help="choose the shots most similar to the question (default: at random)")
     p.add_argument("--examples", default=None,
@@ -25,6 +28,10 @@ def register(subparsers):
     p.add_argument("--system", default=None, help="system prompt (the question then goes through the chat template)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="stop after this many new tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the shot choice and of sampling")
+    p.add_argument("--tools", default=None,
+                   help="comma-separated tools the model may call (calculator, python, search): runs the tool-call loop")
+    p.add_argument("--db", default=None, help="the RAG index the search tool reads")
+    p.add_argument("--max-tool-calls", type=int, default=4, help="stop the tool loop after this many calls")
     p.add_argument("--device", default="cpu", help="torch device")
 
     parser = add_command(subparsers, "rag", "retrieval-augmented generation on one SQLite index")
@@ -50,7 +57,7 @@ def register(subparsers):
     p = add_command(sub, "ask", "answer from retrieved sources, with citations; says when the documents do not contain the answer",
                     func=cmd_rag_ask)
     p.add_argument("question", help="the question")
-    p.add_argument("--run", required=True, help="run directory")
+    add_backend_flags(p)
     p.add_argument("--db", required=True, help="the SQLite index file")
     p.add_argument("--k", type=int, default=3, help="sources in the prompt (trimmed to fit the context)")
     p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], default="hybrid", help="retrieval ranking")
@@ -58,6 +65,29 @@ def register(subparsers):
                    help="answer only when the best source's BM25 score reaches this (docs/prompting.md)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many new tokens")
     p.add_argument("--device", default="cpu", help="torch device")
+
+
+def add_backend_flags(p):
+    p.add_argument("--backend", choices=["local", "openai"], default="local",
+                   help="local: the engine on --run; openai: an OpenAI-compatible server (lmforge serve, vLLM, a hosted API)")
+    p.add_argument("--run", default=None, help="run directory (config.json, model.safetensors, tokenizer.json); --backend local")
+    p.add_argument("--base-url", default=None,
+                   help="--backend openai: the API's base URL, e.g. http://127.0.0.1:8000/v1 (none: $OPENAI_BASE_URL, else OpenAI's)")
+    p.add_argument("--model", default=None, help="--backend openai: the model name (none: the first the server lists)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="--backend openai: the environment variable holding the API key")
+
+
+def _remote(args):
+    """The OpenAI backend of --backend openai, or None for the local engine (which needs --run)."""
+    if args.backend == "local":
+        if args.run is None:
+            raise UserError("--run is required with --backend local (or use --backend openai --base-url URL)")
+        return None
+    if args.run is not None:
+        raise UserError("--run is for --backend local; with --backend openai name the model with --model")
+    from lmforge.prompting.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(args.base_url, args.model, args.api_key_env)
 
 
 def _engine(run: str, device: str):
@@ -88,9 +118,14 @@ def _examples(path: str | None, seed: int) -> list[tuple[str, str]]:
 def cmd_ask(args) -> int:
     from lmforge.infer.sampling import SamplingParams
 
+    remote = _remote(args)
+    if args.tools:
+        return _ask_with_tools(args, remote)
+    shots = prompts.select_examples(args.question, _examples(args.examples, args.seed), args.shots, args.seed, args.similar) if args.shots else []
+    if remote is not None:
+        return _ask_remote(args, remote, shots)
     engine = _engine(args.run, args.device)
     question = f"{args.question.strip()} {prompts.COT_TRIGGER}" if args.cot else args.question
-    shots = prompts.select_examples(args.question, _examples(args.examples, args.seed), args.shots, args.seed, args.similar) if args.shots else []
     if args.system:
         prompt = prompts.chat_prompt(engine.tokenizer, question, args.system, shots)
         stop = []
@@ -100,14 +135,75 @@ def cmd_ask(args) -> int:
     if args.samples > 1:
         vote = prompts.self_consistency(engine, prompt, n=args.samples, temperature=args.temperature,
                                         max_new_tokens=args.max_new_tokens, stop=stop, seed=args.seed)
-        for i, (c, a) in enumerate(zip(vote.completions, vote.answers), 1):
-            print(f"[{i}] {c.strip()}  -> {a}")
-        print(f"answer: {vote.answer} (confidence {vote.confidence:.0%}, {args.samples} samples)")
-        return 0
+        return _print_vote(vote)
     text = engine.generate(prompt, SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0, stop=stop)).text.strip()
+    return _print_answer(text, args.cot)
+
+
+def _print_vote(vote: prompts.Vote) -> int:
+    for i, (c, a) in enumerate(zip(vote.completions, vote.answers), 1):
+        print(f"[{i}] {c.strip()}  -> {a}")
+    print(f"answer: {vote.answer} (confidence {vote.confidence:.0%}, {len(vote.answers)} samples)")
+    return 0
+
+
+def _print_answer(text: str, cot: bool) -> int:
     print(text)
-    if args.cot:
+    if cot:
         print(f"answer: {prompts.extract_answer(text)}")
+    return 0
+
+
+def _ask_remote(args, remote, shots) -> int:
+    """`ask` through the chat API: shots as earlier turns, the system prompt as the system turn."""
+    from lmforge.prompting import openai_backend
+
+    messages = openai_backend.question_messages(args.question, args.system, shots, args.cot)
+    if args.samples > 1:
+        return _print_vote(openai_backend.self_consistency(remote, messages, n=args.samples, temperature=args.temperature,
+                                                           max_tokens=args.max_new_tokens, seed=args.seed))
+    return _print_answer(remote.complete(messages, args.max_new_tokens, seed=args.seed).strip(), args.cot)
+
+
+def _tool_registry(names: str, db: str | None):
+    """The built-in tools named in `--tools calculator,python,search`."""
+    from lmforge.prompting import tools
+
+    makers = {"calculator": tools.calculator_tool, "python": tools.python_tool, "search": lambda: tools.search_tool(db)}
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in makers]
+    if unknown or not chosen:
+        raise UserError(f"--tools {names!r}: choose from {', '.join(makers)} (comma-separated)")
+    if "search" in chosen and db is None:
+        raise UserError("--tools search needs --db FILE (the RAG index it searches)")
+    return tools.ToolRegistry([makers[n]() for n in dict.fromkeys(chosen)])
+
+
+def _ask_with_tools(args, remote) -> int:
+    """The tool-call loop: locally inside generation, or with the remote model's tool_calls."""
+    if args.shots or args.cot or args.samples > 1:
+        raise UserError("--tools answers the question in one conversation: it does not combine with --shots, --cot or --samples")
+    registry = _tool_registry(args.tools, args.db)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.question}]
+    if remote is not None:
+        from lmforge.prompting import openai_backend
+
+        result = openai_backend.run_with_tools(remote, messages, registry, max_iterations=args.max_tool_calls,
+                                               max_tokens=args.max_new_tokens, seed=args.seed)
+    else:
+        from lmforge.infer.sampling import SamplingParams
+        from lmforge.prompting import tools
+
+        result = tools.run_with_tools(_engine(args.run, args.device), messages, registry,
+                                      SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0), max_iterations=args.max_tool_calls)
+    for c in result.tool_calls:
+        shown = c["arguments"] if isinstance(c["arguments"], str) else json.dumps(c["arguments"], ensure_ascii=False)
+        print(f"[tool] {c['name']}({shown}) -> {c['result']}")
+    last = result.messages[-1]
+    if last["role"] == "assistant" and not last.get("tool_calls"):
+        print(last["content"])
+    if result.finish_reason == "iterations":
+        print(f"(stopped after {len(result.tool_calls)} tool call(s): --max-tool-calls)")
     return 0
 
 
@@ -138,8 +234,15 @@ def cmd_search(args) -> int:
 
 
 def cmd_rag_ask(args) -> int:
-    engine = _engine(args.run, args.device)
-    a = rag.ask(engine, args.db, args.question, k=args.k, threshold=args.threshold, mode=args.mode, max_new_tokens=args.max_new_tokens)
+    remote = _remote(args)
+    if remote is not None:
+        from lmforge.prompting import openai_backend
+
+        a = openai_backend.rag_ask(remote, args.db, args.question, k=args.k, threshold=args.threshold, mode=args.mode,
+                                   max_tokens=args.max_new_tokens)
+    else:
+        a = rag.ask(_engine(args.run, args.device), args.db, args.question, k=args.k, threshold=args.threshold, mode=args.mode,
+                    max_new_tokens=args.max_new_tokens)
     print(a.text)
     for c in a.citations:
         print(f"[{c.number}] {c.title} ({c.doc_id}, {c.path})")

@@ -552,12 +552,22 @@ def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: fl
     finally:
         if not isinstance(db, Index):
             ix.close()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
+    if engine is None:  # abstaining needs no model (a caller may check the threshold without one)
+        return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold)
+    return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold,
+                               engine.tokenizer.encode, engine.config.block_size - max_new_tokens)
+
+
+def answer_from_sources(question: str, hits: list[Hit], generate: Callable[[str], str], threshold: float = DEFAULT_THRESHOLD,
+                        encode: Callable[[str], list[int]] | None = None, max_prompt_tokens: int | None = None) -> GroundedAnswer:
+    """What `ask` does after retrieval, with any model: `generate(prompt) -> text` (the local
+    engine, or a remote one: openai_backend.rag_ask). Below `threshold` it is not called; with
+    `encode` and `max_prompt_tokens` the sources are trimmed to fit (grounded_prompt)."""
     if relevance(hits) < threshold:
         prompt, _ = grounded_prompt(question, [])
         return GroundedAnswer(NO_ANSWER, [], [], prompt, grounded=False)
-    budget = engine.config.block_size - max_new_tokens
-    prompt, kept = grounded_prompt(question, hits, engine.tokenizer.encode, budget)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-    text = engine.generate(prompt, params).text.strip()
+    prompt, kept = grounded_prompt(question, hits, encode, max_prompt_tokens)
+    text = generate(prompt).strip()
     citations, how = cite(text, kept)
     return GroundedAnswer(text, citations, kept, prompt, grounded=True, dropped_sources=len(hits) - len(kept), cited_by=how)
