@@ -553,10 +553,9 @@ def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: fl
         if not isinstance(db, Index):
             ix.close()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-    if engine is None:  # abstaining needs no model (a caller may check the threshold without one)
-        return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold)
-    return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold,
-                               engine.tokenizer.encode, engine.config.block_size - max_new_tokens)
+    # the context bounds the sources; engine None can only abstain (a check of the threshold alone)
+    encode, budget = (engine.tokenizer.encode, engine.config.block_size - max_new_tokens) if engine is not None else (None, None)
+    return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold, encode, budget)
 
 
 def answer_from_sources(question: str, hits: list[Hit], generate: Callable[[str], str], threshold: float = DEFAULT_THRESHOLD,
