@@ -1,0 +1,315 @@
+"""The server against the official `openai` client, on a real uvicorn on 127.0.0.1: chat streamed
+and not, completions, n > 1, usage and prefix-cache hits, a full tool-call round trip, JSON
+schema output by constrained decoding, logprobs, embeddings, tokenize, metrics.
+
+The model is a random tiny Transformer with an lmforge tokenizer (protocol tests need no
+knowledge); the tool-call test uses a scripted model (a real Transformer whose last logits follow
+a script), so the call and the final answer are the model's own tokens going through the server.
+"""
+
+import json
+import threading
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+
+from lmforge.data.chat import render_chat
+from lmforge.data.world import TOOLS
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.model import ModelConfig, Transformer
+from lmforge.serve import create_app, running_server
+from lmforge.tokenizer import SPECIAL_TOKENS, train
+
+TEXT = ("the quick brown fox jumps over the lazy dog. what is two plus three? the answer is 5. "
+        "calculator expression name arguments {\"a\": [1, 2.5, true, null]} 0123456789 ") * 20
+
+
+def tiny_tokenizer():
+    return train(TEXT, vocab_size=320, special_tokens=SPECIAL_TOKENS, workers=1)
+
+
+def tiny_model(tok, seed=0, block_size=256):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, n_kv_head=1,
+                                  ffn_hidden=64, block_size=block_size)
+    return Transformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok)
+
+
+@pytest.fixture(scope="module")
+def url(model, tok):
+    with running_server(create_app(model, tok, model_name="tiny", max_batch_size=16)) as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def engine_completions(model, tok, ids, **params):
+    """What the engine itself generates for these prompt ids, through a scheduler shaped like the
+    server's (16 rows of the full context: the same attention lengths, so the same numbers)."""
+    sched = Engine(model, tok, max_batch_size=16).scheduler()
+    request = sched.add(ids, SamplingParams(**params))
+    rows = {}
+    while sched.has_work:
+        for e in sched.step():
+            text, toks, reason = rows.get(e.index, ("", [], None))
+            rows[e.index] = (text + e.text, toks + [e.token_id], e.finish_reason or reason)
+    assert request.cancelled is False
+    return [rows[i] for i in range(len(rows))]  # [(text, token_ids, finish_reason)] per sample
+
+
+def engine_text(model, tok, ids, **params):
+    texts = [text for text, _, _ in engine_completions(model, tok, ids, **params)]
+    return texts if params.get("n", 1) > 1 else texts[0]
+
+
+def chat_ids(tok, messages):
+    return render_chat(tok, messages, add_generation_prompt=True)[0]
+
+
+def chat_params(tok, **params):
+    """The engine parameters of a chat request without tools: stop at <|end|>, no call can open."""
+    sp = tok.special_tokens
+    bias = {sp["<|tool_call|>"]: -100.0, **params.pop("logit_bias", {})}
+    return dict(stop_token_ids=[sp["<|end|>"]], logit_bias=bias, **params)
+
+
+HELLO = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two plus three?"}]
+
+
+def test_models_and_health(url, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["max_model_len"] == 256
+    assert httpx.get(url + "/health").json() == {"status": "ok", "model": "tiny"}
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_chat_matches_the_engine_with_n_and_usage(client, model, tok):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0)
+    ids = chat_ids(tok, HELLO)
+    expected = engine_completions(model, tok, ids, **chat_params(tok, max_new_tokens=6, n=3, seed=7, temperature=1.0))
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == [text for text, _, _ in expected]
+    assert [c.finish_reason for c in r.choices] == [reason for _, _, reason in expected]
+    assert len({text for text, _, _ in expected}) > 1  # three different samples (seed + index each)
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == sum(len(toks) for _, toks, _ in expected)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "chat.completion" and r.model == "tiny"
+
+
+def test_chat_stream_equals_the_whole_answer(client):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=12, seed=3, temperature=0.9)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # token by token, not one blob
+
+
+def test_stream_is_sse_ending_in_done(url):
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_sampling_fields_reach_the_engine(client, model, tok):
+    """greedy, logit_bias, stop strings, penalties, min_p: the output is the engine's for the same parameters."""
+    ids = chat_ids(tok, HELLO)
+    greedy = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    assert greedy.choices[0].message.content == engine_text(model, tok, ids, **chat_params(tok, max_new_tokens=8, temperature=0))
+    target = tok.encode(" fox")[0]
+    t = tok.decode([target])
+    biased = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0, logit_bias={str(target): 100})
+    assert biased.choices[0].message.content == t * 3 and biased.choices[0].finish_reason == "length"
+    stopped = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0,
+                                             logit_bias={str(target): 100}, stop=[t[-1] + t])
+    assert stopped.choices[0].message.content == t[:-1] and stopped.choices[0].finish_reason == "stop"
+    kw = dict(max_new_tokens=10, temperature=0.8, top_p=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.3, seed=11)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=10, temperature=0.8, top_p=0.9,
+                                       presence_penalty=0.5, frequency_penalty=0.3, seed=11, extra_body={"min_p": 0.05})
+    assert r.choices[0].message.content == engine_text(model, tok, ids, **chat_params(tok, **kw))
+
+
+def test_completions_n_echo_and_lists(client, model, tok):
+    r = client.completions.create(model="tiny", prompt=["the quick", "what is"], max_tokens=5, n=2, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for k, prompt in enumerate(["the quick", "what is"]):
+        expected = engine_text(model, tok, tok.encode(prompt), max_new_tokens=5, n=2, seed=5)
+        assert [r.choices[2 * k + j].text for j in range(2)] == expected
+    assert r.usage.prompt_tokens == len(tok.encode("the quick")) + len(tok.encode("what is"))
+    echo = client.completions.create(model="tiny", prompt=tok.encode("the lazy"), max_tokens=3, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("the lazy")
+    streamed = list(client.completions.create(model="tiny", prompt="the quick", max_tokens=6, seed=5, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == engine_text(model, tok, tok.encode("the quick"), max_new_tokens=6, seed=5)
+
+
+def test_prefix_cache_hits_show_in_usage_and_metrics(client, url):
+    long = [{"role": "system", "content": "the quick brown fox jumps over the lazy dog. " * 6}, {"role": "user", "content": "hi"}]
+    first = client.chat.completions.create(model="tiny", messages=long, max_tokens=2)
+    second = client.chat.completions.create(model="tiny", messages=long[:1] + [{"role": "user", "content": "hello there"}], max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 or first.usage.prompt_tokens_details.cached_tokens % 16 == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and cached % 16 == 0 and cached < second.usage.prompt_tokens  # whole blocks of the shared system prompt
+    text = httpx.get(url + "/metrics").text
+    hits = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("lmforge_prefix_cache_hit_tokens_total "))
+    assert hits >= cached
+
+
+def test_metrics_are_prometheus_text(client, url):
+    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+    text = httpx.get(url + "/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert values['lmforge_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert values["lmforge_generation_tokens_total"] >= 3 and values["lmforge_prompt_tokens_total"] > 0
+    for h in ("lmforge_time_to_first_token_seconds", "lmforge_time_per_output_token_seconds", "lmforge_e2e_request_latency_seconds"):
+        assert values[f'{h}_bucket{{le="+Inf"}}'] == values[f"{h}_count"] >= 1
+    assert values["lmforge_requests_running"] == 0 and values["lmforge_requests_waiting"] == 0
+    assert "# TYPE lmforge_time_to_first_token_seconds histogram" in text
+
+
+def test_concurrent_requests_share_the_batch(client, model, tok):
+    """8 clients at once get exactly what each would get alone (continuous batching, own seeds)."""
+    out = {}
+
+    def ask(i):
+        out[i] = client.completions.create(model="tiny", prompt=f"the {i}", max_tokens=8, seed=i).choices[0].text
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert out[i] == engine_text(model, tok, tok.encode(f"the {i}"), max_new_tokens=8, seed=i)
+
+
+def test_tokenize_detokenize_embeddings(url, client, tok):
+    r = httpx.post(url + "/tokenize", json={"prompt": "the quick fox"}).json()
+    assert r["tokens"] == tok.encode("the quick fox") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    r = httpx.post(url + "/tokenize", json={"messages": HELLO}).json()
+    assert r["tokens"] == chat_ids(tok, HELLO)
+    assert httpx.post(url + "/detokenize", json={"tokens": tok.encode("lazy dog")}).json() == {"prompt": "lazy dog"}
+    e = client.embeddings.create(model="tiny", input=["the quick fox", "the quick fox", "0123456789"])  # the client asks for base64
+    v = [torch.tensor(d.embedding) for d in e.data]
+    assert len(v[0]) == 1024 and abs(float(v[0].norm()) - 1) < 1e-5
+    assert float(v[0] @ v[1]) > 0.999 and float(v[0] @ v[2]) < 0.5
+    f = httpx.post(url + "/v1/embeddings", json={"model": "tiny", "input": "the quick fox", "encoding_format": "float"}).json()
+    assert torch.allclose(torch.tensor(f["data"][0]["embedding"]), v[0], atol=1e-6)
+    assert e.usage.prompt_tokens == 2 * len(tok.encode("the quick fox")) + len(tok.encode("0123456789"))
+
+
+# ---- tools: a scripted model calls the calculator, then answers from its result ----
+class ScriptedModel(Transformer):
+    """A real tiny Transformer whose last logits are overwritten by `script(sequence) -> next id`
+    (it remembers tokens by position, so prefix-cached prompts are followed too)."""
+
+    def __init__(self, cfg, script):
+        super().__init__(cfg)
+        self.script, self.seen = script, {}
+
+    def forward(self, idx, targets=None, kv_cache=None, positions=None, logits_to_keep=0, return_logits=True, segment_ids=None):
+        B, L = idx.shape
+        pos = positions if positions is not None else kv_cache.pos[:, None] + torch.arange(L)  # (B, L)
+        logits, loss = super().forward(idx, targets, kv_cache, positions, logits_to_keep, return_logits, segment_ids)
+        for b in range(B):
+            for t in range(L):
+                self.seen[int(pos[b, t])] = int(idx[b, t])
+            sequence = [self.seen[i] for i in range(int(pos[b, -1]) + 1)]
+            logits[b, -1] = -1e4
+            logits[b, -1, self.script(sequence)] = 1e4
+        return logits, loss
+
+
+def call_then_answer(tok, call: dict):
+    """After the user's turn: 'Let me compute.' + <|tool_call|>call<|/tool_call|><|end|>; after a
+    tool turn: 'The answer is ' + the tool's result + <|end|>."""
+    sp = tok.special_tokens
+    call_ids = tok.encode("Let me compute. ") + [sp["<|tool_call|>"]] + tok.encode(json.dumps(call)) + [sp["<|/tool_call|>"], sp["<|end|>"]]
+
+    def script(seq):
+        done = seq[len(seq) - seq[::-1].index(sp["<|assistant|>"]):]
+        if sp["<|tool|>"] not in seq:
+            target = call_ids
+        else:
+            t = len(seq) - 1 - seq[::-1].index(sp["<|tool|>"])
+            result = seq[t + 1: t + 1 + seq[t + 1:].index(sp["<|end|>"])]
+            target = tok.encode("The answer is ") + result + [sp["<|end|>"]]
+        return target[len(done)] if len(done) < len(target) else sp["<|end|>"]
+    return script
+
+
+@pytest.fixture(scope="module")
+def tool_client(tok):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=512,
+                                  norm="layernorm", activation="gelu")  # not the lean DecodeStep: forward() runs every step
+    model = ScriptedModel(cfg, call_then_answer(tok, {"name": "calculator", "arguments": {"expression": "2 + 3"}}))
+    model.init_weights(seed=0)
+    with running_server(create_app(model.eval(), tok, model_name="scripted", max_batch_size=1)) as u:
+        yield openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_tool_call_round_trip(tool_client):
+    from lmforge.prompting.tools import calculate
+
+    messages = [{"role": "user", "content": "what is two plus three?"}]
+    r = tool_client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, max_tokens=60, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me compute. "
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "calculator" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert args == {"expression": "2 + 3"}
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": str(calculate(args["expression"]))})
+    final = tool_client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, max_tokens=60, temperature=0)
+    assert final.choices[0].message.content == "The answer is 5"
+    assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
+
+
+def test_tool_call_streamed_as_deltas(tool_client):
+    chunks = list(tool_client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "2+3?"}],
+                                                      tools=TOOLS, max_tokens=60, temperature=0, stream=True))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [d.index for d in deltas] == [0]
+    assert deltas[0].function.name == "calculator" and json.loads(deltas[0].function.arguments) == {"expression": "2 + 3"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me compute. "  # the markers never leak
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_bans_the_call_token(client, tok):
+    """A model pushed to open a call (logit_bias +100) cannot with tool_choice none; with auto it
+    does (the unclosed call stays content, as written)."""
+    open_id = str(tok.special_tokens["<|tool_call|>"])
+    kw = dict(model="tiny", messages=HELLO, tools=TOOLS, max_tokens=4, temperature=0, logit_bias={open_id: 100})
+    banned = client.chat.completions.create(**kw, tool_choice="none")
+    assert "<|tool_call|>" not in banned.choices[0].message.content and not banned.choices[0].message.tool_calls
+    pushed = client.chat.completions.create(**kw, tool_choice="auto")
+    assert pushed.choices[0].message.content.startswith("<|tool_call|>")
