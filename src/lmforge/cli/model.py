@@ -8,7 +8,9 @@ from pathlib import Path
 from lmforge.cli import UserError, add_command
 from lmforge.io import read_json
 from lmforge.model import PRESETS, ModelConfig, parse_overrides
+from lmforge.model.config import PRESET_NOTES
 from lmforge.model.hf import config_from_hf
+from lmforge.model.mla import kv_cache_bytes_per_token
 from lmforge.model.params import COMPONENTS, count_params, flops_per_token, format_count
 
 
@@ -46,15 +48,18 @@ def cmd_params(args) -> int:
     counts = count_params(config)
     seq_len = args.seq_len or config.block_size
     train_flops = flops_per_token(config, seq_len, training=True)
+    kv = kv_cache_bytes_per_token(config)
     if args.json:
         print(json.dumps({"model": args.model, **counts, "seq_len": seq_len, "flops_per_token_train": train_flops,
-                          "flops_per_token_forward": train_flops / 3}))
+                          "flops_per_token_forward": train_flops / 3, "kv_cache_bytes_per_token_bf16": kv}))
         return 0
     total = counts["total"]
     print(f"{args.model}: {format_count(total)} parameters ({total:,})")
     if config.n_expert:
         print(f"  active per token   {format_count(counts['active']):>10}  ({counts['active']:,}; "
               f"{config.n_expert_per_token} of {config.n_expert} experts)")
+        print(f"  active, no embedding table {format_count(counts['active_non_embedding']):>6}  ({counts['active_non_embedding']:,})")
+        print(f"  one routed expert  {format_count(counts['expert_each']):>10}  (summed over {len(config.moe_layer_ids)} MoE layers)")
     print(f"  non-embedding      {format_count(counts['non_embedding']):>10}  ({counts['non_embedding']:,})")
     print("  breakdown:")
     for name in COMPONENTS:
@@ -64,4 +69,16 @@ def cmd_params(args) -> int:
             print(f"    {name:<18} {format_count(n):>10}  {100 * n / total:5.1f}%{note}")
     print(f"  FLOPs per token at context {seq_len}: {train_flops / 3:.3e} forward, {train_flops:.3e} training (6N + 12*L*T*H*D)")
     print(f"  weights in bf16: {2 * total / 2**30:.2f} GiB")
+    print("  " + _kv_line(config, kv))
+    if args.model in PRESET_NOTES:
+        print(f"  note: {PRESET_NOTES[args.model]}")
     return 0
+
+
+def _kv_line(config, kv: dict) -> str:
+    """KV-cache bytes per token in bf16, this model against GQA (8 KV heads) and MHA at its width."""
+    ours = kv.get("mla", kv.get("this"))
+    kind = "MLA latent + RoPE key" if "mla" in kv else f"{config.n_kv_head} KV heads"
+    window = f"; a sliding window caps it at {config.sliding_window} tokens" if config.all_layers_sliding else ""
+    return (f"KV cache per token (bf16): {ours:,} bytes ({kind}) vs GQA-8 {kv['gqa8']:,}, MHA {kv['mha']:,} "
+            f"({kv['mha'] / ours:.1f}x) at {config.n_head} heads of {config.v_head_dim if 'mla' in kv else config.head_dim}{window}")

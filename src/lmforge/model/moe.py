@@ -28,7 +28,8 @@ from lmforge.model.config import ModelConfig
 # --------------------------------------------------------------------------------------------
 # Routing and balancing losses: plain functions of tensors
 # --------------------------------------------------------------------------------------------
-def route(logits: torch.Tensor, router: str, k: int, bias: torch.Tensor | None = None):
+def route(logits: torch.Tensor, router: str, k: int, bias: torch.Tensor | None = None,
+          n_group: int = 1, group_limit: int = 0):
     """Choose k experts per token and their gate weights.
 
     - "softmax_topk" (Mixtral): p = softmax(logits); the top-k of p; g = p_chosen / sum(p_chosen).
@@ -36,7 +37,9 @@ def route(logits: torch.Tensor, router: str, k: int, bias: torch.Tensor | None =
     - "sigmoid_bias" (DeepSeek-V3, Liu et al. 2024, section 2.1.2, "auxiliary-loss-free"):
       s = sigmoid(logits); the top-k of s + b, where the per-expert bias b (a buffer, never
       trained by gradient, moved by `MoEFeedForward.update_router_bias`) only chooses;
-      g = s_chosen / sum(s_chosen).
+      g = s_chosen / sum(s_chosen). With n_group > 1 and group_limit > 0 (DeepSeek-V3's
+      node-limited routing, section 2.1.2): the E experts form n_group groups, each group scores
+      the sum of its top-2 (s + b), and a token chooses only among its top `group_limit` groups.
 
     logits (N, E) float -> (weights (N, k), experts (N, k) long, probs (N, E)); `probs` are the
     router probabilities used by the auxiliary loss (softmax, or for "sigmoid_bias" the sigmoid
@@ -48,6 +51,12 @@ def route(logits: torch.Tensor, router: str, k: int, bias: torch.Tensor | None =
     if router == "sigmoid_bias":
         scores = torch.sigmoid(logits)  # (N, E)
         choice = scores if bias is None else scores + bias.to(scores.dtype)
+        if n_group > 1 and group_limit:
+            N, E = choice.shape
+            grouped = choice.view(N, n_group, E // n_group)  # (N, G, E/G)
+            group_score = grouped.topk(min(2, E // n_group), dim=-1).values.sum(-1)  # (N, G)
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, group_score.topk(group_limit, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[:, :, None], float("-inf")).view(N, E)  # (N, E) other groups never chosen
         experts = torch.topk(choice, k, dim=-1).indices  # (N, k) bias only decides who is chosen
         weights = scores.gather(-1, experts)  # (N, k) gates from the un-biased scores
         weights = weights / weights.sum(-1, keepdim=True)
@@ -192,6 +201,8 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.jitter = config.router_jitter
         self.bias_update_rate = config.router_bias_update_rate
+        self.n_group, self.group_limit = config.n_expert_group, config.n_group_limit
+        self.routed_scale = config.routed_scaling_factor  # DeepSeek-V3: gates times 2.5
         self.router = nn.Linear(C, E, bias=False)
         self.w_gate = nn.Parameter(torch.empty(E, Fh, C))
         self.w_up = nn.Parameter(torch.empty(E, Fh, C))
@@ -230,7 +241,9 @@ class MoEFeedForward(nn.Module):
             router_in = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.router(router_in)  # (N, E)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in fp32 even under bf16
-        weights, experts, probs = route(logits, self.router_type, k, self.router_bias)  # (N, k), (N, k), (N, E)
+        weights, experts, probs = route(logits, self.router_type, k, self.router_bias, self.n_group, self.group_limit)  # (N, k), (N, k), (N, E)
+        if self.routed_scale != 1.0:
+            weights = weights * self.routed_scale
 
         # Flatten the assignments slot-major (every token's first choice, then every second
         # choice) so that a stable sort by expert puts first choices ahead under a capacity limit.

@@ -15,7 +15,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
 
 # breakdown keys, in display order
-COMPONENTS = ("embedding", "position_embedding", "attention", "mlp", "moe_experts", "moe_router", "moe_shared", "norm", "lm_head")
+COMPONENTS = ("embedding", "position_embedding", "attention", "mlp", "moe_experts", "moe_router", "moe_shared", "norm", "lm_head", "mtp")
 
 
 def meta_model(config: ModelConfig) -> Transformer:
@@ -31,6 +31,8 @@ def _component(name: str) -> str:
         return "position_embedding"
     if name.startswith("lm_head"):
         return "lm_head"
+    if name.startswith("mtp."):  # DeepSeek-V3's multi-token-prediction modules (training only)
+        return "mtp"
     if "norm" in name.rsplit(".", 2)[-2]:  # input_layernorm, post_attention_layernorm, norm, q_norm, k_norm
         return "norm"
     if ".self_attn." in name:
@@ -47,11 +49,14 @@ def _component(name: str) -> str:
 def count_params(config: ModelConfig) -> dict:
     """Parameter counts of `config`'s model.
 
-    Returns {"total", "active", "non_embedding", "breakdown": {component: count}}. A tied head
-    counts once (under "embedding"; "lm_head" is then 0). "active" is what one token uses:
-    for MoE, only n_expert_per_token of the n_expert routed experts (plus shared experts and the
-    router); equal to total for a dense model. "non_embedding" leaves out the token and position
-    tables (Kaplan et al. 2020 count N this way).
+    Returns {"total", "active", "active_non_embedding", "non_embedding", "expert_each",
+    "breakdown": {component: count}}. A tied head counts once (under "embedding"; "lm_head" is
+    then 0). "active" is what one token uses at inference: for MoE, only n_expert_per_token of
+    the n_expert routed experts (plus shared experts and the router), never the training-only
+    MTP modules; equal to total (less MTP) for a dense model. "non_embedding" leaves out the
+    token and position tables (Kaplan et al. 2020 count N this way); "active_non_embedding" is
+    active less the token table, the count DeepSeek publishes as "activated" (V3: 36.7B, "37B").
+    "expert_each": one routed expert's parameters summed over the MoE layers.
     """
     model = meta_model(config)
     breakdown = dict.fromkeys(COMPONENTS, 0)
@@ -62,12 +67,16 @@ def count_params(config: ModelConfig) -> dict:
         if name.endswith(".bias") and component != "norm":
             biases += p.numel()
     total = sum(breakdown.values())
-    inactive = 0
+    inactive = breakdown["mtp"]
+    expert_each = 0
     if config.n_expert:
-        inactive = breakdown["moe_experts"] * (config.n_expert - config.n_expert_per_token) // config.n_expert
+        inactive += breakdown["moe_experts"] * (config.n_expert - config.n_expert_per_token) // config.n_expert
+        expert_each = breakdown["moe_experts"] // config.n_expert
     return {
         "total": total,
         "active": total - inactive,
+        "active_non_embedding": total - inactive - breakdown["embedding"] - breakdown["position_embedding"],
+        "expert_each": expert_each,
         "non_embedding": total - breakdown["embedding"] - breakdown["position_embedding"],
         "breakdown": breakdown,
         "linear_bias": biases,  # biases of linear layers (additions, not matmul weights)
