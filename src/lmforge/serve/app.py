@@ -166,8 +166,8 @@ def _errors(app: FastAPI) -> None:
 
 
 class Guard:
-    """ASGI middleware: refuses bodies over `max_body_bytes` (413, by Content-Length or while
-    reading a chunked body) and counts every answer by endpoint and status for /metrics."""
+    """ASGI middleware: refuses bodies over `max_body_bytes` (413, by Content-Length, or by reading
+    a chunked body here up to the limit) and counts every answer by endpoint and status for /metrics."""
 
     def __init__(self, app, metrics: Metrics, max_body_bytes: int):
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
@@ -178,19 +178,17 @@ class Guard:
         path = scope["path"] if scope["path"] in _KNOWN else "other"
         status = {}
         too_big = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_body_bytes:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             self.metrics.count_request(path, 413)
             return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body_bytes:
-                raise APIError(413, too_big.message, code="body_too_large")
-            return message
+        if length is None and b"chunked" in headers.get(b"transfer-encoding", b""):
+            replay = await self._buffered(receive)  # no length announced: read it here, up to the limit
+            if replay is None:
+                self.metrics.count_request(path, 413)
+                return await JSONResponse(too_big.body(), status_code=413)(scope, receive, send)
+            receive = replay
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -198,9 +196,25 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, counting_send)
+            await self.app(scope, receive, counting_send)
         finally:
             self.metrics.count_request(path, status.get("code", 499))  # 499: the client left before an answer
+
+    async def _buffered(self, receive):
+        """A receive that replays the whole body read now, or None when it is over the limit."""
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                return None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        return replay
 
 
 _KNOWN = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize",

@@ -29,6 +29,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+_TYPE_LABELS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart", "NamedToolChoice"}
+
+
 def field_path(loc) -> str:
     """A pydantic error location as the field's name: ("body", "messages", 0, "role") -> "messages[0].role"."""
     out = ""
@@ -37,7 +40,7 @@ def field_path(loc) -> str:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in str(part):  # union branch labels
+        elif not isinstance(part, int) and (part in _TYPE_LABELS or "[" in part or "-" in part):  # a union branch's label
             continue
         else:
             out += ("." if out else "") + str(part)

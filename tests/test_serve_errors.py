@@ -1,0 +1,256 @@
+"""Every error status a client can cause, on a real server: 400 naming the field (wrong types,
+out-of-range values, unknown roles, malformed JSON, a prompt over the context), 401, 404, 413
+(a 10 MB body), 429 (a full queue), 503 until the model is loaded; a stream dropped mid-way frees
+its batch row. After each, the server answers the next request."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from lmforge.model import ModelConfig, Transformer
+from lmforge.serve import build_app, create_app, running_server
+from lmforge.serve.served import lmforge_chat
+from test_serve import HELLO, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def url(tok):
+    with running_server(create_app(tiny_model(tok), tok, model_name="tiny")) as u:
+        yield u
+
+
+def alive(url, headers=None):
+    """The server still answers a chat request after whatever came before."""
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 2}, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return True
+
+
+def post(url, body, path="/v1/chat/completions", **kw):
+    r = httpx.post(url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body),
+                   headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=30, **kw)
+    return r.status_code, r.json()
+
+
+CASES = [  # (body changes, param named in the error)
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": 3}, "temperature"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": []}, "messages"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": "many"}, "max_tokens"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),  # over the batch of 16 rows
+    ({"top_p": 0}, "top_p"),
+    ({"seed": -1}, "seed"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"1": 500}}, "logit_bias.1"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools given
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+]
+
+
+@pytest.mark.parametrize("change, param", CASES, ids=[p for _, p in CASES])
+def test_invalid_fields_are_400_naming_the_field(url, change, param):
+    status, body = post(url, {"model": "tiny", "messages": HELLO, **change})
+    assert status == 400, body
+    assert body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+    assert param.split(".")[0].split("[")[0] in body["error"]["message"]
+
+
+def test_malformed_bodies(url):
+    for raw in (b"{not json", b'{"model": "tiny", "messages": [', b"\xff\xfe", b"[1, 2]", b"null", b""):
+        status, body = post(url, raw)
+        assert status == 400 and body["error"]["message"], (raw, body)
+    status, body = post(url, {"messages": HELLO})
+    assert status == 400 and body["error"]["param"] == "model" and "required" in body["error"]["message"].lower()
+    assert alive(url)
+
+
+def test_official_client_sees_the_errors(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="the quick brown fox " * 200)
+    assert e.value.body["code"] == "context_length_exceeded" and "256" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the lazy dog " * 200}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
+    assert alive(url)
+
+
+def test_huge_max_tokens_is_capped_by_the_context(url):
+    status, body = post(url, {"model": "tiny", "prompt": "the", "max_tokens": 10**12, "logit_bias": {"0": -100}}, "/v1/completions")
+    assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= 256 + 1
+
+
+def test_unknown_paths_and_methods(url):
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+    r = httpx.get(url + "/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    status, body = post(url, {"tokens": [10**6]}, "/detokenize")
+    assert status == 400 and body["error"]["param"] == "tokens"
+    status, body = post(url, {"prompt": "a", "messages": HELLO}, "/tokenize")
+    assert status == 400
+
+
+def test_a_10_mb_body_is_413(url):
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x" * (10 * 2**20)}]}).encode()
+    status, body = post(url, big)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+
+    def chunks():  # no Content-Length: refused while reading
+        for _ in range(10):
+            yield b"x" * 2**20
+    r = httpx.post(url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert alive(url)
+
+
+def test_api_key(tok):
+    with running_server(create_app(tiny_model(tok), tok, model_name="tiny", api_key="s3cret")) as u:
+        assert httpx.get(u + "/health").status_code == 200  # health needs no key
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+            r = httpx.get(u + "/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=u + "/v1", api_key="nope", max_retries=0).models.list()
+        assert openai.OpenAI(base_url=u + "/v1", api_key="s3cret", max_retries=0).models.list().data[0].id == "tiny"
+        assert httpx.get(u + "/metrics").status_code == 401
+        assert alive(u, headers={"authorization": "Bearer s3cret"})
+
+
+# ---- a slow model: one batch row, one queue place ----
+class SlowModel(Transformer):
+    """A tiny Transformer taking `delay` seconds per forward call, so requests overlap."""
+
+    delay = 0.02
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return super().forward(*args, **kwargs)
+
+
+def slow_app(tok, **options):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=256,
+                                  norm="layernorm", activation="gelu")  # not the lean DecodeStep: forward() runs every step
+    torch.manual_seed(0)
+    model = SlowModel(cfg)
+    model.init_weights(seed=0)
+    return create_app(model.eval(), tok, model_name="tiny", max_batch_size=1, **options)
+
+
+def gauge(url, name):
+    text = httpx.get(url + "/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_full_queue_is_429_and_a_dropped_stream_frees_its_row(tok):
+    with running_server(slow_app(tok, max_queue=1)) as u:
+        long = {"model": "tiny", "prompt": "the", "max_tokens": 200, "logit_bias": {"0": -100}, "stream": True}
+        with httpx.stream("POST", u + "/v1/completions", json=long, timeout=30) as first:
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")  # running: it holds the only row
+            waiting = threading.Thread(target=lambda: httpx.post(u + "/v1/completions", json={**long, "stream": False, "max_tokens": 2}, timeout=60))
+            waiting.start()
+            assert wait_for(lambda: gauge(u, "lmforge_requests_waiting") == 1)
+            status, body = post(u, {"model": "tiny", "prompt": "the", "max_tokens": 2}, "/v1/completions")
+            assert status == 429 and body["error"]["code"] == "queue_full" and body["error"]["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0).completions.create(model="tiny", prompt="a", max_tokens=2)
+            next(lines)
+        # the first stream was dropped after two chunks, 198 tokens early: its row is freed at the next step
+        t0 = time.monotonic()
+        waiting.join(timeout=30)
+        assert not waiting.is_alive() and time.monotonic() - t0 < 200 * SlowModel.delay / 2
+        assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 0 and gauge(u, "lmforge_requests_waiting") == 0)
+        generated = gauge(u, "lmforge_generation_tokens_total")
+        assert generated < 50  # the dropped stream did not run to its 200 tokens
+        assert alive(u)
+
+
+def test_a_plain_request_whose_client_leaves_is_cancelled(tok):
+    with running_server(slow_app(tok)) as u:
+        host, port = u.removeprefix("http://").split(":")
+        body = json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 200, "logit_bias": {"0": -100}}).encode()
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 1)
+        assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 0, timeout=200 * SlowModel.delay / 2)
+        assert gauge(u, "lmforge_generation_tokens_total") < 100
+        assert alive(u)
+
+
+def test_health_is_503_until_the_model_is_loaded(tok):
+    model = tiny_model(tok)
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        return lmforge_chat(model, tok, "tiny")
+
+    app = build_app(load)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = []
+
+    def probe():
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            seen.append((r.status_code, r.json()))
+            if r.status_code == 503 and not release.is_set():
+                status, body = post(f"http://127.0.0.1:{port}", {"model": "tiny", "messages": HELLO})
+                seen.append((status, body))
+                release.set()
+            if r.status_code == 200:
+                return
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    with running_server(app, port=port) as u:
+        prober.join(timeout=30)
+        assert seen[0][0] == 503 and seen[0][1]["error"]["code"] == "model_not_ready"
+        assert seen[1][0] == 503  # requests too, while loading
+        assert seen[-1] == (200, {"status": "ok", "model": "tiny"})
+        assert alive(u)
