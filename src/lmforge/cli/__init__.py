@@ -27,6 +27,8 @@ COMMANDS = [
     "lmforge.cli.infer",  # sample, generate, chat, quantize
     "lmforge.cli.alignment",  # sft, lora merge (reward, dpo, ppo, grpo)
     "lmforge.cli.prompting",  # ask, rag index|search|ask
+    "lmforge.cli.distill",  # distill
+    "lmforge.cli.scale",  # scale
     "lmforge.cli.serve",  # serve
 ]
 
