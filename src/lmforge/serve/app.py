@@ -399,6 +399,10 @@ def _embeddings(state: ServerState, body: EmbeddingRequest) -> dict:
     if body.model not in (served.name, embedder.name):
         raise APIError(404, f"the model {body.model!r} does not exist; embeddings come from {served.name!r} "
                             f"(or {embedder.name!r})", param="model", code="model_not_found")
+    V = served.tokenizer.vocab_size
+    bad = [t for p in _inputs(body.input) if not isinstance(p, str) for t in p if t >= V]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (size {V})", param="input")
     texts = [p if isinstance(p, str) else served.tokenizer.decode(p) for p in _inputs(body.input)]
     if body.dimensions is not None and body.dimensions != embedder.dim:
         raise APIError(400, f"dimensions={body.dimensions}: this embedder gives {embedder.dim}", param="dimensions")

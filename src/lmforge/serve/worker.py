@@ -127,7 +127,9 @@ class EngineWorker:
             self._dispatch(events)
 
     def _dispatch(self, events: list[StreamEvent]) -> None:
+        """Hand each event to its job's queue: one call into each event loop per step, not per event."""
         now = time.perf_counter()
+        out: dict[asyncio.AbstractEventLoop, list] = {}
         with self.lock:
             for event in events:
                 job = self.jobs.get(event.request_id)
@@ -141,27 +143,37 @@ class EngineWorker:
                 elif event.index in job.last_at:
                     self.metrics.observe(per_token=now - job.last_at[event.index])
                 job.last_at[event.index] = now
-                _send(job, event)
+                items = out.setdefault(job.loop, [])
+                items.append((job.queue, event))
                 if event.finish_reason is not None:
                     job.n_left -= 1
                     if job.n_left == 0:
                         del self.jobs[event.request_id]
                         self.metrics.observe(e2e=now - job.arrival)
-                        _send(job, None)
+                        items.append((job.queue, None))
         self.metrics.count_tokens(generated=len(events))
+        for loop, items in out.items():
+            _send(loop, items)
 
     def _fail_all(self, error: Exception) -> None:
         """After a failed step: end every job with EngineFailure and start from an empty batch."""
         with self.lock:
             jobs, self.jobs = list(self.jobs.values()), {}
             self.scheduler = self.engine.scheduler(self.scheduler.max_batch_size)
+        failure = EngineFailure(f"{type(error).__name__}: {error}")
         for job in jobs:
-            _send(job, EngineFailure(f"{type(error).__name__}: {error}"))
+            _send(job.loop, [(job.queue, failure)])
 
 
-def _send(job: Job, item) -> None:
-    """Hand an item to the job's event loop (gone when the server is shutting down)."""
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _send(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Put (queue, item) pairs on queues of `loop`, from the engine thread (the loop may be gone
+    when the server is shutting down)."""
     try:
-        job.loop.call_soon_threadsafe(job.queue.put_nowait, item)
+        loop.call_soon_threadsafe(_put_all, items)
     except RuntimeError:  # the loop is closed
         pass
