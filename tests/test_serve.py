@@ -313,3 +313,39 @@ def test_tool_choice_none_bans_the_call_token(client, tok):
     assert "<|tool_call|>" not in banned.choices[0].message.content and not banned.choices[0].message.tool_calls
     pushed = client.chat.completions.create(**kw, tool_choice="auto")
     assert pushed.choices[0].message.content.startswith("<|tool_call|>")
+
+
+# ---- RAG: --rag-db grounds the chat and returns citations ----
+@pytest.fixture(scope="module")
+def rag_url(tmp_path_factory, tok):
+    from lmforge.data.world import World
+    from lmforge.prompting import rag
+
+    d = tmp_path_factory.mktemp("rag")
+    docs = World(0).rag_documents()
+    (d / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    rag.index(d / "docs.db", [d / "docs.jsonl"])
+    with running_server(create_app(tiny_model(tok, block_size=512), tok, model_name="tiny", rag_db=d / "docs.db")) as u:
+        yield u
+
+
+def test_rag_citations_in_the_answer_the_stream_and_the_prompt(rag_url, tok):
+    client = openai.OpenAI(base_url=rag_url + "/v1", api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "How many kilometres long is the Brarken river?"}]
+    r = client.chat.completions.create(model="tiny", messages=question, max_tokens=4, temperature=0)
+    cites = r.model_extra["citations"]
+    assert cites and cites[0]["title"] == "the Brarken river" and [c["index"] for c in cites] == list(range(1, len(cites) + 1))
+    assert set(cites[0]) == {"index", "id", "title", "source", "text", "url"} and cites[0]["source"].endswith("docs.jsonl")
+    chunk = httpx.get(rag_url + cites[0]["url"]).json()
+    assert chunk["text"] == cites[0]["text"] and chunk["title"] == "the Brarken river"
+    # the sources are in the prompt: [1] the first source ... Q: question A:
+    grounded = "\n".join(f"[{c['index']}] {c['title']}: {' '.join(c['text'].split())}" for c in cites)
+    grounded += "\nQ: How many kilometres long is the Brarken river? A:"
+    assert r.usage.prompt_tokens == len(chat_ids(tok, [{"role": "user", "content": grounded}]))
+    stream = list(client.chat.completions.create(model="tiny", messages=question, max_tokens=4, temperature=0, stream=True))
+    assert stream[0].model_extra["citations"] == cites and "citations" not in stream[1].model_extra
+    plain = client.chat.completions.create(model="tiny", messages=question, max_tokens=4, extra_body={"rag": False})
+    assert "citations" not in plain.model_extra and plain.usage.prompt_tokens == len(chat_ids(tok, question))
+    off_topic = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
+    assert off_topic.model_extra["citations"] == []
+    assert httpx.get(rag_url + "/v1/rag/chunks/999999").status_code == 404
