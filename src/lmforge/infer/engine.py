@@ -72,8 +72,10 @@ class Scheduler:
         room = self.max_len - len(prompt_ids) + 1  # the last token needs no slot
         if room < 1:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the cache of {self.max_len} slots")
+        request = Request(prompt_ids, params, min(max_tokens or params.max_new_tokens, params.max_new_tokens, room))
+        if params.constraint is not None:  # it must be able to finish its document within the budget
+            params.constraint.check(self.tokenizer, request.max_tokens, self._stop_ids(params))
         with self.lock:
-            request = Request(prompt_ids, params, min(max_tokens or params.max_new_tokens, params.max_new_tokens, room))
             self.waiting.append(request)
         return request
 
@@ -201,9 +203,11 @@ class Scheduler:
             V = logits.shape[-1]
             seen = torch.stack([r.seen if r.seen is not None else torch.zeros(V, dtype=torch.bool) for r in rows]).to(logits.device)
             counts = torch.stack([r.counts if r.counts is not None else torch.zeros(V, dtype=torch.int32) for r in rows]).to(logits.device)
-        tokens = choose_tokens(logits, bp, [r.generator for r in rows], seen, counts)  # (b,)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]  # (b,)
-        return [row.add_token(t, lp) for row, t, lp in zip(rows, tokens.tolist(), logprobs.tolist())]
+        tokens = choose_tokens(_constrained(logits, rows), bp, [r.generator for r in rows], seen, counts)  # (b,)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (b, V) of the raw distribution
+        logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]  # (b,)
+        top = _top_logprobs(log_probs, rows)
+        return [row.add_token(t, lp, tl) for row, t, lp, tl in zip(rows, tokens.tolist(), logprobs.tolist(), top)]
 
     def _drop_cancelled(self) -> None:
         for row in self.rows:
@@ -230,6 +234,34 @@ class Scheduler:
             self.rows.pop()
         self._batch_params = None
         self._view = None
+
+
+def _constrained(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """logits (b, V) with -inf for every token a constrained row's JSON state does not allow now
+    (given the tokens left in its budget), before any penalty or filter, so that no processor or
+    sampler can pick one; unconstrained rows are left as they are."""
+    masked = None
+    for i, row in enumerate(rows):
+        if row.constraint is None:
+            continue
+        if masked is None:
+            masked = logits.clone()
+        allowed = row.constraint.allowed_mask(row.request.max_tokens - len(row.token_ids)).to(logits.device)  # (vocab,)
+        n = allowed.shape[0]
+        masked[i, :n].masked_fill_(~allowed, float("-inf"))
+        masked[i, n:] = float("-inf")  # padded ids beyond the tokenizer
+    return logits if masked is None else masked
+
+
+def _top_logprobs(log_probs: torch.Tensor, rows: list[Row]) -> list:
+    """Per row, [(token id, log-prob)] of its top_logprobs most likely tokens, or None."""
+    k = max(r.params.top_logprobs for r in rows)
+    if k == 0:
+        return [None] * len(rows)
+    values, ids = log_probs.topk(k, dim=-1)  # (b, k)
+    values, ids = values.tolist(), ids.tolist()
+    return [list(zip(ids[i][:r.params.top_logprobs], values[i][:r.params.top_logprobs])) if r.params.top_logprobs else None
+            for i, r in enumerate(rows)]
 
 
 def _kv_dtype(param: torch.Tensor) -> torch.dtype:
@@ -319,7 +351,8 @@ class Engine:
         if stamp != self._weights_stamp and self.prefix_cache is not None:
             self.prefix_cache.clear()
         self._weights_stamp = stamp
-        if self.draft_model is not None and all(p.greedy and not p.needs_history and p.logit_bias is None for p in params_list):
+        if self.draft_model is not None and all(p.greedy and not p.needs_history and p.logit_bias is None
+                                                and p.constraint is None and not p.top_logprobs for p in params_list):
             stats = yield from speculative_stream(self.model, self.draft_model, self.tokenizer, ids_list, params_list,
                                                   self.num_draft_tokens)
             for key, n in stats.items():  # counted when the stream has run to its end
@@ -366,18 +399,20 @@ class Engine:
         ids_list = [self.encode(prompt, p) for prompt, p in zip(batch, params_list)]
         state: dict[tuple[int, int], list] = {}
         for event in self._stream(ids_list, params_list):
-            s = state.setdefault((event.request_id, event.index), [[], [], [], None])
+            s = state.setdefault((event.request_id, event.index), [[], [], [], None, []])
             s[0].append(event.text)
             s[1].append(event.token_id)
             s[2].append(event.logprob)
             if event.finish_reason is not None:
                 s[3] = event.finish_reason
+            if event.top_logprobs:
+                s[4].append(event.top_logprobs)
         out = []
         for i, p in enumerate(params_list):
             samples = []
             for j in range(p.n):
-                texts, toks, lps, reason = state[(i + 1, j)]
-                samples.append(Completion("".join(texts), toks, lps, reason or "length", len(ids_list[i])))
+                texts, toks, lps, reason, tops = state[(i + 1, j)]
+                samples.append(Completion("".join(texts), toks, lps, reason or "length", len(ids_list[i]), tops))
             out.append(samples[0] if p.n == 1 else samples)
         return out[0] if single else out
 

@@ -9,7 +9,7 @@ UTF-8) and never shows a stop string, nor a tail of text that may be the start o
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int = 0
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, when asked for
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StreamEvent:
     text: str  # the new text this token completes (may be "")
     logprob: float
     finish_reason: str | None = None  # set on a sample's last event
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # (id, log-prob), most likely first
 
 
 class Request:
@@ -61,6 +63,9 @@ class Row:
         self.generator = make_generator(None if p.seed is None else p.seed + index)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        # the row's own place in a constrained document (lmforge.infer.constrain)
+        self.constraint = p.constraint.start(stop_ids) if p.constraint is not None else None
         self.decoder = tokenizer.stream_decoder()
         self.text = ""
         self.emitted = 0  # characters of self.text already yielded
@@ -81,10 +86,14 @@ class Row:
         """Prompt + generated tokens; the last generated one is not in the cache yet."""
         return len(self.request.prompt_ids) + len(self.token_ids)
 
-    def add_token(self, token_id: int, logprob: float) -> StreamEvent:
+    def add_token(self, token_id: int, logprob: float, top_logprobs: list[tuple[int, float]] | None = None) -> StreamEvent:
         """Append one generated token; returns its event (text delta, finish reason)."""
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
+        if top_logprobs is not None:
+            self.top_logprobs.append(top_logprobs)
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if self.seen is not None:
             self.seen[token_id] = True
             self.counts[token_id] += 1
@@ -110,10 +119,11 @@ class Row:
                 end = len(self.text)
         delta = self.text[self.emitted : end]
         self.emitted = end
-        return StreamEvent(self.request.id, self.index, token_id, delta, logprob, self.finish_reason)
+        return StreamEvent(self.request.id, self.index, token_id, delta, logprob, self.finish_reason, top_logprobs or [])
 
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.token_ids), list(self.logprobs), self.finish_reason or "length", len(self.request.prompt_ids))
+        return Completion(self.text, list(self.token_ids), list(self.logprobs), self.finish_reason or "length",
+                          len(self.request.prompt_ids), list(self.top_logprobs))
 
 
 def _held_back(text: str, start: int, stops: list[str]) -> int:

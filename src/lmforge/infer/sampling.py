@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.infer.constrain import JsonConstraint
+
 TRUNCATION_POLICIES = ("error", "left")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass
@@ -43,6 +46,13 @@ class SamplingParams:
     truncation: what to do with a prompt that does not fit the context: "error" (default) or
         "left" (drop the oldest prompt tokens, keeping a leading BOS, so that the prompt plus
         max_new_tokens fits; at least one token of room is always left for generation).
+    top_logprobs: 0 = off; K in 1..20 = every event (and the Completion) also carries the K most
+        likely token ids with their log-probs, of the raw distribution like `logprob` (OpenAI's
+        top_logprobs).
+    constraint: None, or a `lmforge.infer.constrain.json_constraint(tokenizer, schema)`: only
+        tokens that keep the output a prefix of a JSON document valid for the schema (closable
+        within max_new_tokens) can be sampled; once the document is complete, only the stop ids
+        (docs/inference.md, *Constrained decoding*).
     """
 
     max_new_tokens: int = 64
@@ -60,6 +70,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     truncation: str = "error"
+    top_logprobs: int = 0
+    constraint: JsonConstraint | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -97,6 +109,10 @@ class SamplingParams:
         need(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
         need(is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
         need(self.truncation in TRUNCATION_POLICIES, "truncation", self.truncation, f"one of {TRUNCATION_POLICIES}")
+        need(is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", self.top_logprobs,
+             f"an integer in [0, {MAX_TOP_LOGPROBS}] (0 = off)")
+        need(self.constraint is None or isinstance(self.constraint, JsonConstraint), "constraint", self.constraint,
+             "None or a lmforge.infer.constrain.json_constraint(tokenizer, schema)")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids named in the parameters must exist in the model's vocabulary."""
