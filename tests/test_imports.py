@@ -19,7 +19,7 @@ LAYERS = {
     "io": 0, "corpus": 0,
     "tokenizer": 1, "model": 1,
     "data": 2, "infer": 2,
-    "train": 3, "prompting": 3, "eval": 3,
+    "train": 3, "prompting": 3, "eval": 3, "export": 3,
     "serve": 4, "pipeline": 4, "scaling": 4, "cli": 4,
     "__main__": 4,  # `python -m lmforge`: the CLI
 }

@@ -30,6 +30,7 @@ COMMANDS = [
     "lmforge.cli.distill",  # distill
     "lmforge.cli.scale",  # scale
     "lmforge.cli.serve",  # serve
+    "lmforge.cli.export",  # export hf|gguf
 ]
 
 
