@@ -34,6 +34,11 @@ def supports(model) -> bool:
         return False
     if c.qk_norm or c.bias or c.attn_bias or c.n_expert:
         return False
+    # not covered: sliding windows (their masks and rolling buffer), MLA, Gemma's switches
+    if c.sliding_window is not None or c.attention != "mha" or c.norm_offset or c.post_norms or c.embed_scale:
+        return False
+    if c.attn_head_dim not in (None, c.n_embd // c.n_head) or c.attn_scale is not None or c.final_logit_softcap is not None:
+        return False
     linears = [model.lm_head] + [m for block in model.layers for m in _block_modules(block)]
     return all(type(m) is Linear for m in linears)  # quantized layers take the model's own path
 
@@ -43,7 +48,8 @@ class DecodeStep:
 
     def __init__(self, model):
         if not supports(model):
-            raise ValueError("DecodeStep covers RMSNorm + RoPE + SwiGLU models without biases, QK-norm or MoE")
+            raise ValueError("DecodeStep covers RMSNorm + RoPE + SwiGLU models without biases, QK-norm, MoE, "
+                             "sliding windows, latent attention or Gemma's norms and scales")
         self.model = model
         self.config = model.config
         self._stamp = None

@@ -24,6 +24,7 @@ from lmforge.infer.cpu_matmul import keep_transposed_weights, linear_bytes, weig
 from lmforge.infer.decode_step import DecodeStep
 from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
+from lmforge.infer.qlinear import choose_kernels
 from lmforge.infer.rows import Completion, Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens
 from lmforge.infer.speculative import speculative_stream
@@ -54,7 +55,8 @@ class Scheduler:
             cache = KVCache(self.config, max_batch_size, self.max_len, device=self.device, dtype=_kv_dtype(p))
         self.cache = cache
         self.max_batch_size = cache.batch_size
-        self.prefix_cache = prefix_cache
+        # a rolling sliding-window buffer has dropped a long prompt's first blocks: nothing to store
+        self.prefix_cache = prefix_cache if cache.window is None else None
         self.rows: list[Row] = []  # row i lives in cache row i
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
@@ -173,9 +175,7 @@ class Scheduler:
                 P = len(request.prompt_ids)
                 for j in range(1, request.params.n):
                     dst = r0 + len(new_rows)
-                    self.cache.k[:, dst, :, :P] = self.cache.k[:, r0 + i, :, :P]
-                    self.cache.v[:, dst, :, :P] = self.cache.v[:, r0 + i, :, :P]
-                    self.cache.pos[dst] = P
+                    self.cache.copy_row(r0 + i, dst, P)
                     new_rows.append(Row(request, j, self.tokenizer, self._stop_ids(request.params), self.config.vocab_size))
                     source.append(i)
             self.rows += new_rows
@@ -226,10 +226,7 @@ class Scheduler:
                 continue
             last = len(self.rows) - 1
             if i != last:
-                n = self.rows[last].n_tokens
-                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
-                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
-                self.cache.pos[i] = self.cache.pos[last]
+                self.cache.copy_row(last, i, self.rows[last].n_tokens)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
         self._batch_params = None
@@ -294,6 +291,9 @@ class Engine:
         lean = on_cpu and decode_step_supports(model) and linear_bytes(model) <= TRANSPOSED_MAX_BYTES
         self.decode_step = DecodeStep(model) if lean else None
         keep_transposed_weights(model, on=not lean, max_bytes=TRANSPOSED_MAX_BYTES)
+        # quantized layers: the fused kernel where it is faster for the layer's shape, timed once
+        # per process (qlinear.py; $LMFORGE_QUANT_KERNEL=reference|fused|auto overrides)
+        self.kernels = choose_kernels(model)
         if draft_model is not None:
             keep_transposed_weights(draft_model, max_bytes=TRANSPOSED_MAX_BYTES)
         self._cache: KVCache | None = None

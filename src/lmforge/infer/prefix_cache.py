@@ -62,7 +62,7 @@ class PrefixCache:
         n_blocks = min(len(ids), k.shape[2]) // bt
         if n_blocks == 0:
             return
-        block_bytes = 2 * k[:, :, :bt].numel() * k.element_size()
+        block_bytes = (k[:, :, :bt].numel() + v[:, :, :bt].numel()) * k.element_size()  # MLA: v (RoPE key) is narrower
         if block_bytes > self.max_bytes:
             return
         parent, path = 0, []

@@ -86,8 +86,9 @@ def speculative_stream(target, draft, tok, ids_list: list[list[int]], params_lis
         rows += [Row(request, j, tok, stop_ids, target.config.vocab_size) for j in range(p.n)]
     S = min(C, max(len(r.request.prompt_ids) + r.request.max_tokens + k for r in rows))
     dt = next(target.parameters()).dtype
-    ct = KVCache(target.config, len(rows), S, device=device, dtype=dt)
-    cd = KVCache(draft.config, len(rows), S, device=device, dtype=next(draft.parameters()).dtype)
+    # rejected drafts are rolled back by lowering pos: every position must stay, so no rolling window buffer
+    ct = KVCache(target.config, len(rows), S, device=device, dtype=dt, rolling=False)
+    cd = KVCache(draft.config, len(rows), S, device=device, dtype=next(draft.parameters()).dtype, rolling=False)
     for b, row in enumerate(rows):
         ids = row.request.prompt_ids
         with eval_mode(target, draft):

@@ -289,7 +289,8 @@ PRESET_NOTES: dict[str, str] = {
     "gemma-3-4b": ("text tower only, as Gemma3ForCausalLM loads it: the report's 4B also counts the 417M SigLIP vision "
                    "encoder (not built here); its Table 1 gives 675M embedding + 3,209M non-embedding."),
     "deepseek-v3": ("DeepSeek-V3 report: 671B total, 37B activated per token; the 14B multi-token-prediction module "
-                    "is not in that figure (add --set mtp_depth=1 to count it: the HF checkpoint's 685B)."),
+                    "is not in that figure (--set mtp_depth=1 adds it: 11.6B here, where it shares the embedding and head; "
+                    "the HF checkpoint's 685B stores copies of both)."),
     "deepseek-v2-lite": "DeepSeek-V2 report / model card: 15.7B total, 2.4B activated per token.",
     "mistral-7b": "Mistral 7B v0.1 (Jiang et al. 2023): 7.24B; untied head.",
 }
