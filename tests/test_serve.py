@@ -349,3 +349,81 @@ def test_rag_citations_in_the_answer_the_stream_and_the_prompt(rag_url, tok):
     off_topic = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
     assert off_topic.model_extra["citations"] == []
     assert httpx.get(rag_url + "/v1/rag/chunks/999999").status_code == 404
+
+
+# ---- constrained output, forced tool calls, logprobs ----
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+    "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_output_is_valid_on_100_sampled_requests(client):
+    """A random model at temperature 1 can only write documents valid for the schema."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    texts, finishes = {}, {}
+
+    def ask(i):
+        r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=1.0, seed=i, max_tokens=60, response_format=fmt)
+        texts[i], finishes[i] = r.choices[0].message.content, r.choices[0].finish_reason
+    for start in range(0, 100, 20):
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(start, start + 20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(texts) == 100
+    for i, text in texts.items():
+        jsonschema.validate(json.loads(text), PERSON)  # raises on the first invalid one
+        assert finishes[i] == "stop"
+    assert len(set(texts.values())) > 50  # sampled, not one forced answer
+
+
+def test_json_object_and_an_impossible_budget(client, url):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=1.0, seed=1, max_tokens=30,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    tight = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, response_format=tight)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=HELLO, response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "patternProperties": {"x": {}}}}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_tool_choice_required_and_named_force_a_valid_call(client):
+    """tool_choice forces a call even from a random model; its arguments follow the tool's schema."""
+    for choice, names in (("required", {"calculator", "search"}), ({"type": "function", "function": {"name": "search"}}, {"search"})):
+        for seed in range(3):
+            r = client.chat.completions.create(model="tiny", messages=HELLO, tools=TOOLS, tool_choice=choice, max_tokens=80,
+                                               temperature=1.0, seed=seed)
+            (call,) = r.choices[0].message.tool_calls
+            assert call.function.name in names and r.choices[0].finish_reason == "tool_calls"
+            spec = next(t["function"] for t in TOOLS if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), spec["parameters"])
+
+
+def test_logprobs_and_top_logprobs(client, model, tok):
+    ids = chat_ids(tok, HELLO)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    first = torch.log_softmax(logits[0, -1].float(), -1)
+    best = first.topk(3)
+    assert [t.logprob for t in content[0].top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert [bytes(t.bytes) for t in content[0].top_logprobs] == [tok.token_bytes(i) for i in best.indices.tolist()]
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-6)  # greedy: the top token
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    streamed = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0, logprobs=True,
+                                                   top_logprobs=2, stream=True))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    comp = client.completions.create(model="tiny", prompt="the quick", max_tokens=4, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens) == comp.choices[0].text

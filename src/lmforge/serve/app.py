@@ -267,7 +267,7 @@ def _routes(app: FastAPI, state: ServerState, auth) -> None:
         for ids in prompts:
             check_prompt(served, ids, "prompt")
         params = sampling_params(served, body, max(map(len, prompts)), state.max_batch_size,
-                                 **({"top_logprobs": body.logprobs} if body.logprobs else {}))
+                                 top_logprobs=body.logprobs or 0)
         return await chat.completion_response(state, body, prompts, params, request)
 
     @app.post("/v1/embeddings", dependencies=[auth])

@@ -47,7 +47,7 @@ def token_entry(tokenizer, token_id: int, logprob: float) -> dict:
 def chat_logprobs(tokenizer, event) -> dict:
     """OpenAI's chat logprobs entry of one token (top_logprobs when asked for)."""
     entry = token_entry(tokenizer, event.token_id, event.logprob)
-    entry["top_logprobs"] = [token_entry(tokenizer, t, lp) for t, lp in (event.top_logprobs or [])]
+    entry["top_logprobs"] = [token_entry(tokenizer, t, lp) for t, lp in event.top_logprobs]
     return entry
 
 
@@ -187,7 +187,7 @@ def completion_logprobs(tok, events, offset0: int) -> dict:
     for e in events:
         tokens.append(tok.token_bytes(e.token_id).decode("utf-8", errors="replace"))
         lps.append(e.logprob)
-        tops.append({tok.decode([t]): lp for t, lp in (e.top_logprobs or [])} if e.top_logprobs is not None else None)
+        tops.append({tok.decode([t]): lp for t, lp in e.top_logprobs} if e.top_logprobs else None)
         offsets.append(pos)
         pos += len(e.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

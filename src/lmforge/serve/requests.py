@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from lmforge.infer.constrain import json_constraint
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, Message
 from lmforge.serve.served import TOOL_OPEN, ServedModel
@@ -92,7 +93,7 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
     ids = render(served, messages, tools or None)
     tool_ids = served.tool_ids
     stop_ids = [served.end_id] if served.end_id is not None else []
-    extra: dict = {"top_logprobs": body.top_logprobs} if body.logprobs and body.top_logprobs else {}
+    extra: dict = {"top_logprobs": (body.top_logprobs or 0) if body.logprobs else 0}
     prefix = ""
     if choice != "none" and not tools:
         raise APIError(400, f"tool_choice={_choice_text(choice)} needs tools", param="tool_choice")
@@ -107,8 +108,10 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
         # the call is forced: the prompt opens it, and the call's JSON is constrained to a call of the allowed tools
         prefix = TOOL_OPEN
         ids = ids + [tool_ids[0]]
-        from lmforge.infer.constrain import json_constraint  # TEMP lazy
-        extra["constraint"] = json_constraint(served.tokenizer, _call_schema(tools, name))
+        try:
+            extra["constraint"] = json_constraint(served.tokenizer, _call_schema(tools, name))
+        except ValueError as e:  # a tool's parameters use a keyword the constraint does not support
+            raise APIError(400, f"tools: {e}", param="tools") from None
         stop_ids = [tool_ids[1]]
     if body.response_format is not None and body.response_format.type != "text":
         if "constraint" in extra:
@@ -138,7 +141,6 @@ def _format_constraint(served: ServedModel, body: ChatCompletionRequest):
         if fmt.json_schema is None:
             raise APIError(400, "response_format of type json_schema needs a json_schema {name, schema}", param="response_format.json_schema")
         schema = fmt.json_schema.schema_
-    from lmforge.infer.constrain import json_constraint  # TEMP lazy
     try:
         return json_constraint(served.tokenizer, schema)
     except ValueError as e:

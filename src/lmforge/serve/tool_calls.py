@@ -9,7 +9,8 @@ into plain content and closed calls:
     p.feed('ments": {"x": 1}}<|/tool_call|>')                     -> [("tool_call", {"index": 0, ...})]
 
 A call whose text is not a valid call (lmforge.prompting.tools.parse_tool_call) stays content,
-markers included, so nothing the model wrote is lost. A tail that may be the start of a marker is
+markers included, so nothing the model wrote is lost; a valid call cut off before its close
+marker (the token budget ran out) is still a call. A tail that may be the start of a marker is
 held back until the next delta decides it.
 """
 
@@ -62,9 +63,14 @@ class ToolCallParser:
         return out
 
     def finish(self) -> list[tuple[str, object]]:
-        """What is left when the sample ends: an unclosed call is content, as written."""
-        rest = (self.open + self.buffer) if self.in_call else self.buffer
+        """What is left when the sample ends. An unclosed call whose text is a whole valid call
+        is a call (the budget ended before the close marker, as it may under a forced call's
+        constraint); else it is content, as written."""
+        rest, in_call = self.buffer, self.in_call
         self.buffer, self.in_call = "", False
+        if in_call:
+            kind, value = self._call(rest)
+            return [(kind, value if kind == "tool_call" else self.open + rest)]
         return [("content", rest)] if rest else []
 
     def _call(self, text: str) -> tuple[str, object]:

@@ -89,7 +89,10 @@ class EngineWorker:
             if len(self.scheduler.waiting) >= self.max_queue:
                 raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting); retry later",
                                code="queue_full")
-            request = self.scheduler.add(prompt_ids, params)
+            try:
+                request = self.scheduler.add(prompt_ids, params)
+            except ValueError as e:  # what the engine refuses up front (a response_format the budget cannot finish)
+                raise APIError(400, str(e), param="max_tokens" if "max_tokens" in str(e) else None) from None
             job = Job(request, loop, queue if queue is not None else asyncio.Queue(), time.perf_counter(), params.n)
             self.jobs[request.id] = job
         self.metrics.count_tokens(prompt=len(prompt_ids))
