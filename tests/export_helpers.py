@@ -10,20 +10,24 @@ import torch
 
 from lmforge.data.world import World
 from lmforge.export.source import QWEN2_PATTERN
-from lmforge.model import ModelConfig, Transformer, save_pretrained
+from lmforge.model import PRESETS, ModelConfig, Transformer, save_pretrained
 from lmforge.tokenizer import SPECIAL_TOKENS, train
 
 LLAMA3_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=128)
 
-# family -> ModelConfig fields on top of TINY (vocab_size is set from the tokenizer, padded to 64)
+# family -> ModelConfig fields (vocab_size is set from the tokenizer). The sliding windows are
+# shorter than a test's prompt plus its generation, so the window's mask and cache are exercised.
 FAMILIES = {
-    "lmforge-llama": dict(),
-    "llama-tied-llama3-rope": dict(tie_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
-    "qwen2": dict(attn_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
-    "gpt2": dict(n_kv_head=4, norm="layernorm", activation="gelu", pos_emb="learned", tie_embeddings=True, bias=True),
-    "mixtral": dict(n_expert=4, n_expert_per_token=2, ffn_hidden=128, rope_theta=1e6),
+    "lmforge-llama": dict(TINY),
+    "llama-tied-llama3-rope": dict(TINY, tie_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING),
+    "qwen2": dict(TINY, attn_bias=True, tie_embeddings=True, rope_theta=1e6, norm_eps=1e-6),
+    "gpt2": dict(TINY, n_kv_head=4, norm="layernorm", activation="gelu", pos_emb="learned", tie_embeddings=True, bias=True),
+    "mixtral": dict(TINY, n_expert=4, n_expert_per_token=2, ffn_hidden=128, rope_theta=1e6),
+    "mistral": dict(PRESETS["mistral-tiny"], n_embd=64, block_size=128, sliding_window=4),
+    "gemma3": dict(PRESETS["gemma3-tiny"], block_size=128, sliding_window=4),
+    "deepseek-v3": dict(PRESETS["deepseek-tiny"], block_size=128),
 }
 
 # the split pattern of each family's tokenizer (the family's own: transformers >= 5 re-splits a
@@ -59,7 +63,7 @@ def make_run(directory: Path, family: str, tokenizer, seed: int = 0, pad_vocab: 
     pad_vocab: ids beyond the tokenizer's (a vocabulary rounded up, as for fast matmuls); a
     random model may pick them, so the generation tests leave them out."""
     vocab = tokenizer.vocab_size + pad_vocab
-    config = ModelConfig(vocab_size=vocab, **{**TINY, **FAMILIES[family]})
+    config = ModelConfig(**{**FAMILIES[family], "vocab_size": vocab})
     torch.manual_seed(seed)
     model = randomise(Transformer(config), seed)
     save_pretrained(model, directory)

@@ -65,7 +65,8 @@ def test_export_loads_and_generates_identically(family, family_tokenizers, tmp_p
     ids = tok.encode(PROMPT)
     with torch.no_grad():
         ours, theirs = model(torch.tensor([ids]))[0], hf_model(torch.tensor([ids])).logits
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # 1e-5 of the logits' scale: Gemma 3's scaled embeddings and (1 + w) norms make logits of ~8
+    torch.testing.assert_close(theirs, ours, atol=1e-5 * max(1.0, ours.abs().max().item()), rtol=0)
     greedy = our_greedy(model, tok, ids, 12)
     assert hf_greedy(hf_model, ids, 12) == greedy
 
