@@ -32,3 +32,19 @@ def tiny_hf_llama(d, text: str = TRAIN_TEXT, vocab_size: int = 360, block_size: 
     tok.save(d)
     write_tokenizer_config(tok, d, block_size)
     return model.eval(), tok
+
+
+def wikitext_prefix(data_file, n_chars: int = 6000) -> str:
+    """The first n_chars of the shared WikiText-2 validation file (skips the test when absent)."""
+    return data_file("wikitext2/wiki.valid.tokens").read_text(encoding="utf-8")[:n_chars]
+
+
+def hf_window_logprob(hf_model, windows) -> float:
+    """Summed log-probability of each window's continuation, computed with transformers alone."""
+    total = 0.0
+    with torch.no_grad():
+        for context, continuation in windows:
+            x = torch.tensor([(context + continuation)[:-1]])
+            logp = torch.log_softmax(hf_model(x).logits[0, -len(continuation):].double(), dim=-1)
+            total += logp.gather(1, torch.tensor(continuation)[:, None]).sum().item()
+    return total
