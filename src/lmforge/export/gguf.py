@@ -42,6 +42,8 @@ from lmforge.tokenizer.formats import bytes_to_unicode
 from lmforge.tokenizer.patterns import PATTERNS
 
 SUPPORTED = ("lmforge's own Llama layout", "Llama", "Mistral", "Qwen2", "Mixtral")
+UNCOVERED = {"deepseek_v3": "DeepSeek-V3 (Multi-head Latent Attention (MLA), shared experts, sigmoid routing)",
+             "gemma3_text": "Gemma 3 (GeGLU, (1 + w) norms, QK-norm, interleaved local/global sliding-window layers)"}
 DTYPES = ("f32", "f16", "q8_0")
 
 # split pattern -> the `tokenizer.ggml.pre` name llama.cpp (src/llama-vocab.cpp) maps to the same
@@ -86,10 +88,19 @@ def gguf_arch(config: ModelConfig) -> str:
     if model_type == "gpt2":
         raise ValueError(f"GGUF export does not cover GPT-2 (learned position embeddings, LayerNorm, GELU); {supported}")
     if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
-        raise ValueError(f"GGUF export does not cover the {model_type!r} architecture; {supported}")
+        described = UNCOVERED.get(model_type, model_type)
+        raise ValueError(f"GGUF export does not cover {described} (HF model_type {model_type!r}); {supported}")
     if config.bias:
         raise ValueError(f"GGUF export does not cover Llama with bias=True (biases on every Linear); {supported}")
     return "qwen2" if model_type == "qwen2" else "llama"
+
+
+def context_length(config: ModelConfig) -> int:
+    """llama.context_length: the block size, or a (Mistral) sliding window when shorter. llama.cpp's
+    `llama` architecture attends to the whole context; within the window that equals the sliding
+    window exactly, so the file declares the window as its trained context."""
+    window = config.sliding_window
+    return config.block_size if window is None else min(config.block_size, window)
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -192,7 +203,7 @@ def _add_metadata(writer, source: ExportSource, arch: str, dtype: str) -> None:
     if dtype == "q8_0":
         writer.add_quantization_version(2)  # GGML_QUANT_VERSION
     writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.block_size)
+    writer.add_context_length(context_length(config))
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.ffn_hidden)
@@ -247,6 +258,10 @@ def export_gguf(run_dir: str | Path, out: str | Path, dtype: str = "f16", progre
     arch = gguf_arch(source.model.config)
     pre_tokenizer_name(source.tokenizer.pattern)  # refuse an unknown pattern before any work
     tensors = gguf_tensors(source.model, arch)
+    if context_length(source.model.config) < source.model.config.block_size:
+        source.notes.append(f"sliding window {source.model.config.sliding_window} < block_size "
+                            f"{source.model.config.block_size}: llama.cpp's llama architecture has no sliding window, "
+                            f"so context_length is the window (full attention within it is the same model)")
     counts: dict[str, int] = {}
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
