@@ -146,3 +146,34 @@ def test_remote_errors_name_the_problem(server, key, capsys):
     assert "--run is for --backend local" in capsys.readouterr().err
     assert main(["ask", "hi"]) == 1
     assert "--run is required with --backend local" in capsys.readouterr().err
+
+
+def test_local_backend_tool_loop_cli_equals_the_library(tmp_path, capsys):
+    """`ask --tools` without --backend: the local engine's loop (tools.run_with_tools) on --run."""
+    import torch
+
+    from lmforge.infer import load_run
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.model import ModelConfig, Transformer, save_pretrained
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    save_pretrained(Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_embd=32, n_layer=1, block_size=256)), tmp_path)
+    tok.save(tmp_path)
+    question = "What is 4821 * 37?"
+    assert main(["ask", "--run", str(tmp_path), "--tools", "calculator", "--max-new-tokens", "12", question]) == 0
+    printed = capsys.readouterr().out
+    model, tok = load_run(tmp_path)
+    expected = tools.run_with_tools(Engine(model, tok), [{"role": "user", "content": question}], tools.ToolRegistry([tools.calculator_tool()]),
+                                    SamplingParams(max_new_tokens=12, temperature=0.0))
+    shown = [f"[tool] {c['name']}({c['arguments'] if isinstance(c['arguments'], str) else json.dumps(c['arguments'])}) -> {c['result']}"
+             for c in expected.tool_calls]
+    last = expected.messages[-1]
+    final = [last["content"]] if last["role"] == "assistant" and not last.get("tool_calls") else []
+    stopped = [f"(stopped after {len(shown)} tool call(s): --max-tool-calls)"] if expected.finish_reason == "iterations" else []
+    assert printed.splitlines() == shown + final + stopped
+    assert main(["ask", "--run", str(tmp_path), "--tools", "calculator,shell", "hi"]) == 1
+    assert "--tools 'calculator,shell': choose from calculator, python, search" in capsys.readouterr().err
+    assert main(["ask", "--run", str(tmp_path), "--tools", "search", "hi"]) == 1
+    assert "--tools search needs --db FILE" in capsys.readouterr().err
