@@ -113,3 +113,24 @@ def test_checkpoint_directories_both_ways(hf_model, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(loaded) is type(hf_model)
     torch.testing.assert_close(loaded(idx).logits, ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_gemma3_multimodal_checkpoint_imports_its_text_tower(tmp_path):
+    """Gemma-3-4B and up ship as Gemma3ForConditionalGeneration: the text tower is imported, the
+    vision tower and projector are left out, and text-only logits agree."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=128, sliding_window=8, query_pre_attn_scalar=24)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    hf = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+    for name, p in hf.named_parameters():
+        p.normal_(0.0, 0.3 if "norm" in name else 0.08)
+    idx = torch.randint(0, V, (1, 20))
+    ref = hf(input_ids=idx).logits
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_checkpoint(tmp_path)
+    assert ours.config.family == "gemma3" and ours.config.n_layer == 6
+    torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_hf(hf)(idx)[0], ref, atol=1e-5, rtol=0)  # in-memory names

@@ -59,6 +59,8 @@ def _rope_from_hf(hf: dict, params: dict | None = None) -> tuple[float, dict | N
 def config_from_hf(hf: dict) -> ModelConfig:
     """An HF `config.json` dict -> ModelConfig; ValueError for a family or feature we lack."""
     model_type = hf.get("model_type")
+    if model_type == "gemma3":  # Gemma3ForConditionalGeneration (4B and up): its text tower only
+        return _gemma3_config_from_hf(hf.get("text_config") or {})
     if model_type not in SUPPORTED:
         arch = ", ".join(hf.get("architectures") or []) or "none given"
         raise ValueError(f"HF model_type {model_type!r} (architectures: {arch}) is not supported; supported: "
@@ -115,8 +117,15 @@ def _global_every(layer_types: list[str]) -> int:
     return n
 
 
+# Gemma3TextConfig's defaults: a multimodal checkpoint's text_config lists only what differs from them
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                             rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True)
+
+
 def _gemma3_config_from_hf(hf: dict) -> ModelConfig:
     """Gemma3TextConfig (transformers 4.5x keys or 5.x `rope_parameters` per layer type) -> ModelConfig."""
+    hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
     if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_new"):
         raise ValueError(f"Gemma 3 hidden_activation {hf.get('hidden_activation')!r} is not supported (only the tanh GELU)")
     if hf.get("attn_logit_softcapping") is not None or hf.get("use_bidirectional_attention"):
@@ -326,6 +335,10 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: ModelConfig, mode
         return _gpt2_from_hf(hf_sd, config)
     if model_type == "deepseek_v3":
         return _deepseek_from_hf(hf_sd, config)
+    if model_type == "gemma3":  # the text tower of Gemma3ForConditionalGeneration, on disk or in memory
+        hf_sd = {k.replace("model.language_model.", "model.").replace("language_model.model.", "model.")
+                  .replace("language_model.lm_head.", "lm_head."): v for k, v in hf_sd.items()
+                 if "vision_tower" not in k and "multi_modal_projector" not in k}
     sd = {}
     for name, t in hf_sd.items():
         if name.endswith("rotary_emb.inv_freq"):

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import KVCache, Linear, RMSNorm, _cache_keys, _masks, _Step, apply_rope, yarn_mscale
+from lmforge.model.kv_cache import KVCache, _cache_keys, _masks, _Step
+from lmforge.model.layers import Linear, RMSNorm, apply_rope, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
 
