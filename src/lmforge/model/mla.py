@@ -93,7 +93,8 @@ class MultiHeadLatentAttention(nn.Module):
         """Attention over the cached latent (section 2.1.2): q' = q^C W_UK (B, H, T, r) and the RoPE
         query against [c_kv; k^R] as one key of r + dr shared by every head (an MQA call), values
         the latent itself; W_UV maps the (B, H, T, r) result to (B, H, T, dv)."""
-        w = self.kv_b_proj.weight.view(self.n_head, self.dn + self.dv, self.r)  # (H, dn+dv, r)
+        w = self.kv_b_proj.weight if isinstance(self.kv_b_proj, nn.Linear) else self.kv_b_proj.dequantized_weight(q_nope.dtype)
+        w = w.view(self.n_head, self.dn + self.dv, self.r)  # (H, dn+dv, r); a quantized run's layer de-quantized
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, dn, r), (H, dv, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         query = torch.cat([q_lat, q_pe], dim=-1)  # (B, H, T, r+dr)
