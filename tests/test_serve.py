@@ -427,3 +427,61 @@ def test_logprobs_and_top_logprobs(client, model, tok):
     lp = comp.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
     assert lp.text_offset[0] == 0 and "".join(lp.tokens) == comp.choices[0].text
+
+
+# ---- RUN directories: lmforge run, quantized run, HF checkpoint with its own template ----
+HF_TEMPLATE = ("{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def test_serving_run_directories(tmp_path, model, tok):
+    from lmforge.data.chat_template import write_tokenizer_config
+    from lmforge.infer.quantize import quantize_run
+    from lmforge.io import atomic_write_json
+    from lmforge.model import save_pretrained
+    from lmforge.model.hf import save_hf_checkpoint
+
+    run, quant, hf = tmp_path / "run", tmp_path / "run-int8", tmp_path / "hf"
+    save_pretrained(model, run)
+    tok.save(run)
+    write_tokenizer_config(tok, run, 256)
+    quantize_run(run, quant, 8)
+    save_hf_checkpoint(model, hf)
+    tok.save(hf)
+    atomic_write_json(hf / "tokenizer_config.json", {"chat_template": HF_TEMPLATE, "eos_token": "<|end|>"})
+    for path in (run, quant):
+        with running_server(path) as u:
+            c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+            assert c.models.list().data[0].id == path.name
+            r = c.chat.completions.create(model=path.name, messages=HELLO, max_tokens=4, temperature=0)
+            assert r.usage.prompt_tokens == len(chat_ids(tok, HELLO))
+            if path == run:  # the full-precision run is the model in memory: the same greedy text
+                assert r.choices[0].message.content == engine_text(model, tok, chat_ids(tok, HELLO), **chat_params(tok, max_new_tokens=4, temperature=0))
+    with running_server(hf, model_name="hf-tiny") as u:
+        ids = httpx.post(u + "/tokenize", json={"messages": HELLO}).json()["tokens"]
+        text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in HELLO) + "<|assistant|>"
+        assert ids == tok.encode(text, allowed_special="all") and ids != chat_ids(tok, HELLO)  # its own template, no BOS
+        r = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="hf-tiny", messages=HELLO, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(ids)
+    with pytest.raises(FileNotFoundError):
+        running_server(tmp_path / "missing").__enter__()
+
+
+def test_bind_warning():
+    from lmforge.serve.server import bind_warning
+
+    assert bind_warning("127.0.0.1", None) is None and bind_warning("::1", None) is None and bind_warning("localhost", None) is None
+    assert bind_warning("127.0.0.2", None) is None  # all of 127/8 is loopback
+    assert "without an API key" in bind_warning("0.0.0.0", None) and "--api-key-env" in bind_warning("192.168.1.5", None)
+    assert bind_warning("0.0.0.0", "key") is None
+
+
+def test_cli_serve_flags(monkeypatch, capsys):
+    from lmforge.cli import main
+
+    monkeypatch.delenv("LMFORGE_TEST_KEY", raising=False)
+    assert main(["serve", "--run", "nowhere", "--api-key-env", "LMFORGE_TEST_KEY"]) == 1
+    assert "LMFORGE_TEST_KEY" in capsys.readouterr().err
+    assert main(["serve", "--run", "nowhere"]) == 1
+    assert "nowhere" in capsys.readouterr().err

@@ -11,6 +11,7 @@ answers 200 (the model is loaded), yields the base URL and shuts the server down
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 import sys
@@ -26,7 +27,6 @@ from fastapi import FastAPI
 from lmforge.serve.app import app_from_run
 
 log = logging.getLogger("lmforge.serve")
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _free_port(host: str) -> int:
@@ -77,11 +77,25 @@ def running_server(run_or_app: str | Path | FastAPI, host: str = "127.0.0.1", po
         thread.join(timeout=30)
 
 
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for serving without a key on an address other hosts may reach, or None.
+    bind_warning("0.0.0.0", None) -> "warning: serving on 0.0.0.0 without an API key: ..." """
+    if api_key is not None or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"warning: serving on {host} without an API key: anyone who can reach this address can use the model "
+            f"(set one with --api-key-env VAR)")
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, **options) -> None:
     """Serve RUN in the foreground until interrupted (what `lmforge serve` runs)."""
-    if host not in LOOPBACK and api_key is None:
-        print(f"warning: serving on {host} without an API key: anyone who can reach this address can use the model "
-              f"(set one with --api-key-env VAR)", file=sys.stderr)
+    warning = bind_warning(host, api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     app = app_from_run(run, api_key=api_key, **options)
     print(f"lmforge serve: http://{host}:{port} (OpenAI API at /v1, chat page at /, health at /health)", file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
