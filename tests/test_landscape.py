@@ -219,3 +219,15 @@ def test_unknown_family_and_unsupported_architecture(tmp_path):
                                          r"supported: llama \(LlamaForCausalLM\).*gemma3_text \(Gemma3ForCausalLM\), "
                                          r"deepseek_v3 \(DeepseekV3ForCausalLM\)"):
         config_from_hf({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]})
+
+
+def test_flops_attention_term_stops_at_the_window():
+    from lmforge.model.params import flops_per_token
+
+    windowed = ModelConfig.from_preset("mistral-tiny", sliding_window=64)
+    full = windowed.with_overrides(sliding_window=None)
+    L, C, T = windowed.n_layer, windowed.n_embd, 256
+    assert flops_per_token(full, T) - flops_per_token(windowed, T) == 12 * L * (T - 64) * C
+    gemma = ModelConfig.from_preset("gemma3-tiny")  # 5 local layers of window 32, 1 global
+    no_window = gemma.with_overrides(sliding_window=None)
+    assert flops_per_token(no_window, T) - flops_per_token(gemma, T) == 12 * 5 * (T - 32) * gemma.n_head * gemma.head_dim

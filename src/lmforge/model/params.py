@@ -92,7 +92,8 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: b
     embedding lookups, norms and biases are not matmuls). The second term is attention itself:
     q.k^T and attn.v each cost 2*seq_len*head_dim per head per token (Kaplan et al. 2020 Table 1,
     counting the full, not causally halved, score matrix as PaLM Appendix B and nanoGPT do).
-    training = 3 * forward (backward costs twice the forward): 6N + 12*L*T*H*D.
+    training = 3 * forward (backward costs twice the forward): 6N + 12*L*T*H*D. On sliding-window
+    layers T is min(seq_len, sliding_window).
 
     flops_per_token(ModelConfig.from_preset("gpt2"), seq_len=1024) -> 8.544e8
     (= 6 * 123.5M matmul weights, of which 38.6M the tied head, + 12 * 12 * 1024 * 768)
@@ -103,7 +104,9 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: b
     n_matmul = counts["active"] - b["embedding"] - b["position_embedding"] - b["norm"] - b["lm_head"]
     n_matmul -= counts["linear_bias"]
     n_matmul += config.vocab_size * config.n_embd  # the head, tied or not
-    forward = 2 * n_matmul + 4 * config.n_layer * seq_len * config.n_head * config.head_dim
+    # a sliding layer's query meets at most `sliding_window` keys (Mistral, Gemma 3's local layers)
+    keys = sum(min(seq_len, config.sliding_window) if config.is_sliding_layer(i) else seq_len for i in range(config.n_layer))
+    forward = 2 * n_matmul + 4 * keys * config.n_head * config.head_dim
     return float(3 * forward if training else forward)
 
 
