@@ -29,7 +29,10 @@ from collections import OrderedDict
 
 import torch
 
-from lmforge.infer.json_grammar import BACKSLASH, INF, QUOTE, UTF8_CONT, UTF8_LEAD, UTF8_PENDING, Grammar, compile_schema
+from lmforge.infer.json_grammar import (BACKSLASH, DIGITS, INF, MAX_EXP_DIGITS, MAX_FRAC_DIGITS, MAX_INT_DIGITS, N_EXP,
+                                        N_FRAC, N_INT, QUOTE, UTF8_CONT, UTF8_LEAD, UTF8_PENDING, Grammar, compile_schema)
+
+DIGIT_RUN_CAP = {N_INT: MAX_INT_DIGITS, N_FRAC: MAX_FRAC_DIGITS, N_EXP: MAX_EXP_DIGITS}
 
 # ---- 3. the vocabulary: trie walks and string tables --------------------------------------------
 def _is_plain(b: int) -> bool:
@@ -62,7 +65,9 @@ class VocabIndex:
     trie: nested [token id or -1, {byte: child}] over every token's bytes;
     per UTF-8 state u (8): prefix_ok[u], prefix_end[u], prefix_chars[u] (V,) describe each token's
     longest plain prefix read inside a string; tokens with more after it (a quote, a backslash, a
-    control byte) have a suffix id into `suffix_trie`, walked with the automaton.
+    control byte) have a suffix id into `suffix_trie`, walked with the automaton. The same for a
+    run of digits in a number: digit_len (V,) is each token's digit prefix, digit_rest_id its
+    rest in `digit_trie` (-1: all digits, or none).
     Special tokens are never in the trie: they are never allowed as JSON text.
     """
 
@@ -97,6 +102,19 @@ class VocabIndex:
         self.suffix_tokens = [(prefix_ok[u] & has_suffix & (prefix_end[u] == 0)).nonzero()[:, 0] for u in range(8)]
         self.n_suffixes = len(suffixes)
         self.suffix_trie = _build_trie((s, i) for s, i in suffixes.items())
+        digit_len, rest_id, rests = [0] * V, [-1] * V, {}
+        for i, b in self.token_bytes.items():
+            d = next((k for k, c in enumerate(b) if c not in DIGITS), len(b))
+            digit_len[i] = d
+            if 0 < d < len(b):
+                rest_id[i] = rests.setdefault(b[d:], len(rests))
+        self.digit_len = torch.tensor(digit_len, dtype=torch.int32)
+        self.digit_rest_id = torch.tensor(rest_id, dtype=torch.long)
+        self.all_digits = (self.digit_len > 0) & (self.digit_rest_id < 0)
+        self.n_digit_rests = len(rests)
+        self.digit_trie = _build_trie(rests.items())
+        # the trie without the subtrees of tokens that start with a digit
+        self.trie_no_digit = [-1, {b: child for b, child in self.trie[1].items() if b not in DIGITS}]
 
     def walk(self, grammar: Grammar, state: frozenset, trie=None) -> tuple[list[int], list[int]]:
         """Depth-first over the trie from `state`: (token ids, bytes to close after each) of every
@@ -182,15 +200,52 @@ class JsonConstraint:
         """(vocab_size,) int32: for each token, the fewest bytes that close the document after it
         (INF = not allowed here). Cached per state, except string contents (computed directly)."""
         fast = self._string_contents(state)
+        if fast is None:
+            fast = self._digit_run(state)
         if fast is not None:
             return fast
-        cached = self._masks.get(state)
+        return self._walked(state, self.index.trie)
+
+    def _walked(self, state: frozenset, trie) -> torch.Tensor:
+        """The close table of the tokens in `trie`, by walking it (cached per state and trie)."""
+        key = (id(trie), state)
+        cached = self._masks.get(key)
         if cached is None:
-            ids, closes = self.index.walk(self.grammar, state)
+            ids, closes = self.index.walk(self.grammar, state, trie)
             cached = (torch.tensor(ids, dtype=torch.long), torch.tensor(closes, dtype=torch.int32))
-            self._remember(state, cached)
+            self._remember(key, cached)
         table = torch.full((self.vocab_size,), INF, dtype=torch.int32)
         table[cached[0]] = cached[1]
+        return table
+
+    def _digit_run(self, state: frozenset) -> torch.Tensor | None:
+        """The close table inside a run of digits of a number (one thread; not a bounded integer,
+        whose digits are checked against its range one by one). The run's length is in the state
+        (it is capped), but what may follow the run does not depend on it: tokens that start with
+        a digit are decided by their digit prefix's length and, for the rest, one walk of
+        `digit_trie`; tokens that start with anything else by one walk of the trie without the
+        digit subtrees, both from the state with the run's length set to 1 (so cached once)."""
+        if len(state) != 1:
+            return None
+        (thread,) = state
+        if not thread or thread[-1][0] != "N" or thread[-1][2] not in DIGIT_RUN_CAP or isinstance(thread[-1][3], str):
+            return None
+        _, nid, phase, run = thread[-1]
+        ix = self.index
+        norm = frozenset({thread[:-1] + (("N", nid, phase, 1),)})
+        table = self._walked(norm, ix.trie_no_digit)
+        fits = ix.digit_len <= DIGIT_RUN_CAP[phase] - run
+        table.masked_fill_(ix.all_digits & fits, self.grammar.close(state))  # digits keep the number complete-able
+        with_rest = (fits & (ix.digit_rest_id >= 0)).nonzero()[:, 0]
+        if len(with_rest):
+            key = (id(ix.digit_trie), norm)
+            rest = self._masks.get(key)
+            if rest is None:
+                ids, closes = ix.walk(self.grammar, norm, ix.digit_trie)
+                rest = torch.full((ix.n_digit_rests,), INF, dtype=torch.int32)
+                rest[torch.tensor(ids, dtype=torch.long)] = torch.tensor(closes, dtype=torch.int32)
+                self._remember(key, rest)
+            table[with_rest] = rest[ix.digit_rest_id[with_rest]]
         return table
 
     def _remember(self, key, value) -> None:
@@ -231,7 +286,7 @@ class JsonConstraint:
         for n2, sel in groups:
             after = self._suffix_closes(frozenset({below + (("S", nid, 0, 0, n2),)}))
             table[sel] = after[ix.suffix_id[sel]]
-        return table
+        return table.clamp_(max=INF)
 
     def _suffix_closes(self, state: frozenset) -> torch.Tensor:
         """(n_suffixes,) int32: bytes to close after each suffix from `state` (INF = rejected)."""

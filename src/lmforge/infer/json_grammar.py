@@ -56,6 +56,8 @@ ESCAPE, ESCAPE_CLOSE = _escape_table()
 OPEN, KEY, COLON_NEXT, AFTER_COLON, AFTER_COLON_SP, VALUE, AFTER_COMMA, AFTER_COMMA_SP = range(8)
 # number phases
 N_SIGN, N_ZERO, N_INT, N_DOT, N_FRAC, N_EXP_MARK, N_EXP_SIGN, N_EXP = range(8)
+MAX_INT_DIGITS = 30  # a float of 30 digits times 1e99 is finite; and far below Python's int-parsing limit
+MAX_FRAC_DIGITS = 30
 MAX_EXP_DIGITS = 2
 
 ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "$comment", "default", "examples",
@@ -332,6 +334,9 @@ def _integer_bounds(schema: dict, path: str) -> tuple[int | None, int | None]:
         hi = min(hi if hi is not None else math.inf, math.ceil(ex_hi) - 1)
     if lo is not None and hi is not None and lo > hi:
         raise _schema_error(path, f"no integer lies between minimum {lo} and maximum {hi}")
+    for word, v in (("minimum", lo), ("maximum", hi)):
+        if v is not None and len(str(abs(v))) > MAX_INT_DIGITS:
+            raise _schema_error(path, f"{word} {v} has more than {MAX_INT_DIGITS} digits (integers are generated with at most that many)")
     return lo, hi
 
 
@@ -379,6 +384,7 @@ class Grammar:
         self._derive()
         self.root_min = self.min_size[self._target(root)]
         self._close: dict = {}
+        self._state_close: dict = {}
         self._trans: dict = {}
 
     def _target(self, i: int) -> int:
@@ -456,18 +462,16 @@ class Grammar:
             return [(("A", nid, OPEN, 0),)] if b == LBRACKET else []
         if k == "literal":
             return self._step_literal(nid, b"", b)
+        bounded = k == "integer" and (node.lo is not None or node.hi is not None)
         if b == MINUS:
-            return [(("N", nid, N_SIGN, "-" if node.lo is not None or node.hi is not None else None),)] \
-                if k == "number" or self._int_ok("-", node) else []
-        if b in DIGITS:
-            text = chr(b) if k == "integer" and (node.lo is not None or node.hi is not None) else None
-            if text is not None and not self._int_ok(text, node):
+            if bounded and _int_close("-", node.lo, node.hi) is None:
                 return []
-            return [(("N", nid, N_ZERO if b == 0x30 else N_INT, text),)]
+            return [(("N", nid, N_SIGN, "-" if bounded else 0),)]
+        if b in DIGITS:
+            if bounded and _int_close(chr(b), node.lo, node.hi) is None:
+                return []
+            return [(("N", nid, N_ZERO if b == 0x30 else N_INT, chr(b) if bounded else 1),)]
         return []
-
-    def _int_ok(self, text: str, node: Node) -> bool:
-        return node.kind == "number" or _int_close(text, node.lo, node.hi) is not None
 
     def _step(self, f: tuple, b: int) -> list[tuple]:
         kind = f[0]
@@ -507,36 +511,45 @@ class Grammar:
         return [] if lead is None else [(("S", nid, 0, lead, n2),)]
 
     def _step_number(self, f: tuple, b: int) -> list[tuple]:
-        _, nid, phase, text = f
+        """JSON's number grammar, -? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?, with each
+        digit run capped (MAX_INT_DIGITS, MAX_FRAC_DIGITS, MAX_EXP_DIGITS) so that every number
+        parses to a finite float or an int Python accepts; integers have neither fraction nor
+        exponent, nor "-0". aux: the digits of the current run, or for a bounded integer its text
+        so far (each digit must leave a completion inside [minimum, maximum])."""
+        _, nid, phase, aux = f
         node = self.nodes[nid]
         is_int = node.kind == "integer"
-        digit = b in DIGITS
-        nxt = None
-        if phase == N_SIGN and digit:
-            nxt = N_ZERO if b == 0x30 else N_INT
-            if is_int and b == 0x30:
-                return []  # no "-0" for integers
-        elif phase == N_INT and digit:
-            nxt = N_INT
-        elif phase in (N_ZERO, N_INT) and not is_int:
-            nxt = N_DOT if b == 0x2E else N_EXP_MARK if b in (0x65, 0x45) else None
-        elif phase == N_DOT and digit or phase == N_FRAC and digit:
-            nxt = N_FRAC
-        elif phase == N_FRAC and b in (0x65, 0x45):
-            nxt = N_EXP_MARK
-        elif phase == N_EXP_MARK and b in (0x2B, 0x2D):
-            nxt = N_EXP_SIGN
-        elif phase in (N_EXP_MARK, N_EXP_SIGN) and digit:
-            return [(("N", nid, N_EXP, 1),)]
-        elif phase == N_EXP and digit and text < MAX_EXP_DIGITS:
-            return [(("N", nid, N_EXP, text + 1),)]
-        if nxt is None:
-            return []
-        if text is not None and phase != N_EXP:
-            text = text + chr(b)
-            if _int_close(text, node.lo, node.hi) is None:
+        if b in DIGITS:
+            if phase == N_SIGN:
+                if is_int and b == 0x30:
+                    return []
+                nxt, run = (N_ZERO if b == 0x30 else N_INT), 1
+            elif phase == N_INT:
+                nxt, run = N_INT, (len(aux) - aux.startswith("-") if isinstance(aux, str) else aux) + 1
+                if run > MAX_INT_DIGITS:
+                    return []
+            elif phase in (N_DOT, N_FRAC):
+                nxt, run = N_FRAC, (aux + 1 if phase == N_FRAC else 1)
+                if run > MAX_FRAC_DIGITS:
+                    return []
+            elif phase in (N_EXP_MARK, N_EXP_SIGN, N_EXP):
+                run = aux + 1 if phase == N_EXP else 1
+                return [(("N", nid, N_EXP, run),)] if run <= MAX_EXP_DIGITS else []
+            else:
                 return []
-        return [(("N", nid, nxt, text),)]
+            if isinstance(aux, str):  # a bounded integer
+                text = aux + chr(b)
+                return [(("N", nid, nxt, text),)] if _int_close(text, node.lo, node.hi) is not None else []
+            return [(("N", nid, nxt, run),)]
+        if is_int:
+            return []
+        if b == 0x2E and phase in (N_ZERO, N_INT):
+            return [(("N", nid, N_DOT, 0),)]
+        if b in (0x65, 0x45) and phase in (N_ZERO, N_INT, N_FRAC):
+            return [(("N", nid, N_EXP_MARK, 0),)]
+        if b in (0x2B, 0x2D) and phase == N_EXP_MARK:
+            return [(("N", nid, N_EXP_SIGN, 0),)]
+        return []
 
     def _step_literal(self, nid: int, prefix: bytes, b: int) -> list[tuple]:
         node = self.nodes[nid]
@@ -626,7 +639,7 @@ class Grammar:
             if phase not in (N_ZERO, N_INT, N_FRAC, N_EXP):
                 return False
             node = self.nodes[nid]
-            return text is None or node.kind != "integer" or _int_close(text, node.lo, node.hi) == 0
+            return not isinstance(text, str) or _int_close(text, node.lo, node.hi) == 0
         if f[0] == "L":
             return f[2] in self.nodes[f[1]].options
         return False
@@ -651,7 +664,7 @@ class Grammar:
             return 1 + ESCAPE_CLOSE[esc] + UTF8_PENDING[u] + max(node.lo - n, 0)
         if kind == "N":
             _, _, phase, text = f
-            if text is not None and phase in (N_SIGN, N_ZERO, N_INT):
+            if isinstance(text, str) and phase in (N_SIGN, N_ZERO, N_INT):
                 c = _int_close(text, node.lo, node.hi)
                 return INF if c is None else c
             return 1 if phase in (N_SIGN, N_DOT, N_EXP_MARK, N_EXP_SIGN) else 0
@@ -715,8 +728,13 @@ class Grammar:
             self._advance_thread(below, b, out)
 
     def close(self, state: frozenset) -> int:
-        """Fewest bytes from this state to a complete document."""
-        return min((self.thread_close(t) for t in state), default=INF)
+        """Fewest bytes from this state to a complete document (cached: a frozenset keeps its hash)."""
+        c = self._state_close.get(state)
+        if c is None:
+            if len(self._state_close) > 200_000:
+                self._state_close.clear()
+            c = self._state_close[state] = min((self.thread_close(t) for t in state), default=INF)
+        return c
 
     def thread_close(self, thread: tuple) -> int:
         return min(sum(self._frame_close(f) for f in thread), INF)
