@@ -101,8 +101,8 @@ def test_given_flags_reach_the_config_and_absent_ones_keep_the_default():
     assert given(p.parse_args(["--out", "r"]), TrainConfig) == {}
     with pytest.raises(SystemExit):
         p.parse_args(["--out", "r", "--schedule", "linear"])  # choices come along
-    d = subparser("demo").parse_args(["--no-progress", "--tasks", "addition_2digit, fewshot", "--warmup", "5"])
-    assert DemoConfig(**given(d, DemoConfig)) == DemoConfig(progress=False, tasks=("addition_2digit", "fewshot"), warmup_steps=5)
+    d = subparser("demo").parse_args(["--no-progress", "--stages", "data, pretrain", "--warmup", "5"])
+    assert DemoConfig(**given(d, DemoConfig)) == DemoConfig(progress=False, stages=("data", "pretrain"), warmup_steps=5)
 
 
 @dataclass

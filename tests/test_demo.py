@@ -1,36 +1,92 @@
-"""`lmforge demo` end to end at toy scale: it leaves a run directory the other commands use, and
-its score table is the eval of that run."""
+"""`lmforge demo` end to end at a tiny budget: every stage runs and leaves its result, the report
+card has every section, a rerun keeps the finished stages, and a stage interrupted by Ctrl-C
+after a checkpoint is resumed by the next demo."""
 
 import json
 
+import pytest
+
+import lmforge.pipeline.lifecycle as lifecycle
+import lmforge.train.loop as loop
 from lmforge.cli import main
+from lmforge.pipeline import STAGES
+from lmforge.train.checkpoint import find_checkpoint
+
+TINY = ["--minutes", "0.1", "--size", "150KB", "--preset", "tiny", "--vocab-size", "400", "--batch-size", "4",
+        "--seq-len", "64", "--eval-items", "4", "--no-progress"]
+SECTIONS = ["## What each stage bought", "## Training curves", "## Sizes and speed", "## Each stage by hand",
+            "## Transcripts of the final model", "## Next"]
 
 
-def test_demo_end_to_end_leaves_a_usable_run(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--minutes", "0.05", "--size", "150KB", "--preset", "tiny",
-               "--vocab-size", "400", "--batch-size", "4", "--seq-len", "64", "--eval-items", "4",
-               "--tasks", "addition_2digit,translation_4shot", "--no-progress"])
-    assert rc == 0
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
+    out = finished
+    for stage in STAGES[:-1]:
+        result = json.loads((out / "stages" / f"{stage}.json").read_text())
+        assert result["seconds"] >= 0, stage
+    for run in ("base", "sft", "dpo"):
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
+            assert (out / run / name).is_file(), f"{run}/{name}"
+    assert (out / "sft" / "tokenizer_config.json").is_file()  # the chat template travels with the run
+    ev = json.loads((out / "stages" / "eval.json").read_text())
+    assert ev["models"] == ["base", "sft", "dpo"] and ev["final"] == "dpo"
+    for key in ("chat", "rag", "tools", "few_shot", "base_tasks"):
+        assert key in ev, key
+    assert set(ev["chat"]) == {"base", "sft", "dpo"}
+    for rate in ("closed_book", "rag", "closed_book_hallucination", "citation", "declined_absent"):
+        assert 0.0 <= ev["rag"][rate] <= 1.0, rate
+    report = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    assert "| follows the system prompt (exact) |" in report and "unseen entities" in report and "multiplication" in report
+    assert f"lmforge sft --run {out}/base" in report and f"lmforge chat --run {out}/dpo" in report
+
+    # the run directories are ordinary runs: eval reads the final one
+    assert main(["eval", "--run", str(out / "dpo"), "--world", str(out / "data" / "world"), "--tasks", "system_prompt",
+                 "--max-items", "2", "--no-save", "--no-progress"]) == 0
+
+
+def test_a_rerun_keeps_the_finished_stages(finished, capsys):
+    before = {s: (finished / "stages" / f"{s}.json").read_text() for s in STAGES[:-1]}
+    mtime = (finished / "dpo" / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "--out", str(finished), *TINY]) == 0
     printed = capsys.readouterr().out
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "demo.json", "metrics.jsonl"):
-        assert (out / name).is_file(), name
-    assert (out / "data" / "world" / "world.json").is_file()
-    report = json.loads((out / "demo.json").read_text())
-    assert set(report["eval"]) == {"addition_2digit", "translation_4shot"}
-    assert report["train"]["step"] >= 1, report["train"]
-    assert report["timings"]["total"] > 0
-    assert "addition_2digit" in printed, printed
-    assert "normalised" in printed and "run directory" in printed, printed
+    for stage in STAGES[:-1]:
+        assert f"{stage}: done in an earlier run" in printed, stage
+        assert (finished / "stages" / f"{stage}.json").read_text() == before[stage]
+    assert (finished / "dpo" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "next:" in printed and "lmforge serve --run" in printed
 
-    # the run directory is an ordinary run: eval reads it and agrees with the demo's own table
-    assert main(["eval", "--run", str(out), "--world", str(out / "data" / "world"), "--tasks", "addition_2digit",
-                 "--max-items", "4", "--json", "--no-progress"]) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert [e["prediction"] for e in again["eval"]["addition_2digit"]["examples"]] == \
-           [e["prediction"] for e in report["eval"]["addition_2digit"]["examples"]]
-    assert again["eval"]["addition_2digit"]["exact"] == report["eval"]["addition_2digit"]["exact"]
-    assert main(["sample", "--run", str(out), "--max-new-tokens", "4"]) == 0
+
+def test_ctrl_c_in_a_training_stage_is_resumed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    monkeypatch.setitem(lifecycle.CKPT_INTERVAL, "sft", 2)
+    original = loop._every_n_steps
+
+    def interrupt_after_a_checkpoint(run, state, progress):
+        original(run, state, progress)
+        if run.run_dir.name == "sft" and state.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_every_n_steps", interrupt_after_a_checkpoint)
+    args = ["demo", "--out", str(out), *TINY, "--minutes", "0.2", "--stages", "data,pretrain,sft"]
+    assert main(args) == 130  # the CLI turns Ctrl-C into "lmforge: interrupted" and exit status 130
+    assert not (out / "stages" / "sft.json").exists() and find_checkpoint(out / "sft") is not None
+    monkeypatch.setattr(loop, "_every_n_steps", original)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "pretrain: done in an earlier run" in printed
+    sft = json.loads((out / "stages" / "sft.json").read_text())
+    assert sft["step"] > 3  # continued past the interruption
+    steps = [json.loads(line)["step"] for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == sorted(set(steps))  # the resumed run's log carries on without repeats
 
 
 def test_demo_rejects_bad_values(tmp_path, capsys):
@@ -38,3 +94,5 @@ def test_demo_rejects_bad_values(tmp_path, capsys):
     assert "'3XB'" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "d"), "--minutes", "0", "--no-progress"]) == 1
     assert "minutes" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d"), "--stages", "data,fly", "--no-progress"]) == 1
+    assert "fly" in capsys.readouterr().err

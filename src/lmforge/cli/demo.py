@@ -1,5 +1,5 @@
-"""`lmforge demo`: world -> tokenizer -> pretrain -> evaluate, in about ten minutes of CPU; its flags
-are the fields of lmforge.pipeline.DemoConfig."""
+"""`lmforge demo`: the whole life of a small LLM in one command (lmforge.pipeline.lifecycle says what
+each stage is); its flags are the fields of lmforge.pipeline.DemoConfig."""
 
 from __future__ import annotations
 
@@ -9,14 +9,20 @@ import torch
 
 from lmforge.cli import add_command
 from lmforge.cli.config_flags import add_config_flags, given
-from lmforge.cli.eval import print_report
 from lmforge.pipeline import DemoConfig, demo
+from lmforge.pipeline.report import short
+
+DESCRIPTION = """\
+world -> tokenizer -> pretrain -> SFT -> DPO -> RAG index -> eval -> report.md, in about 15 minutes
+on 2 CPU cores. Budget (--minutes): pretrain 50%, SFT 20%, DPO 10%; world, tokenizer, shards, the
+RAG index and the evaluations take the rest. A second run into the same --out keeps every finished
+stage and resumes an interrupted training stage from its last checkpoint."""
 
 
 def register(subparsers):
-    p = add_command(subparsers, "demo", "generate the world, train a tokenizer, pretrain `small` for a few minutes, evaluate, print samples",
-                    func=cmd_demo)
-    p.add_argument("--out", default="runs/demo", help="run directory (reused data: world, tokenizer and shards are kept)")
+    p = add_command(subparsers, "demo", "the whole life of a small LLM: world, tokenizer, pretrain, SFT, DPO, RAG, tools, eval, report",
+                    func=cmd_demo, description=DESCRIPTION)
+    p.add_argument("--out", default="runs/demo", help="demo directory (finished stages are kept and reused)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
     add_config_flags(p, DemoConfig, rename={"warmup_steps": "warmup"})
 
@@ -30,12 +36,13 @@ def cmd_demo(args) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    report = demo(args.out, config, log=log)
-    tr = report["train"]
-    print(f"\ntrained {tr['step']} steps, {tr['tokens']:,} tokens, final loss {tr['loss']:.3f}" if tr.get("loss") is not None else "")
-    print_report(report)
-    times = report["timings"]
-    print(f"\ntime: {times['total']:.0f} s (world {times['world']:.0f}, tokenizer {times['tokenizer']:.0f}, shards {times['shards']:.0f}, "
-          f"pretrain {times['pretrain']:.0f}, eval {times['eval']:.0f})")
-    print(f"run directory: {args.out}  (try: lmforge sample --run {args.out}; lmforge eval --run {args.out})")
+    results = demo(args.out, config, log=log)
+    print()
+    print(short(results))
+    final = results.get("eval", {}).get("final")
+    if "report" in results:
+        print(f"\nreport card: {results['report']['report']}")
+    if final:
+        rag = f" --rag-db {args.out}/rag.sqlite" if "rag" in results else ""
+        print(f"next:\n  lmforge chat --run {args.out}/{final}\n  lmforge serve --run {args.out}/{final}{rag}")
     return 0

@@ -540,10 +540,13 @@ def relevance(hits: list[Hit]) -> float:
 
 
 def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: float = DEFAULT_THRESHOLD,
-        mode: str = "hybrid", max_new_tokens: int = 32) -> GroundedAnswer:
+        mode: str = "hybrid", max_new_tokens: int = 32, chat: bool = False) -> GroundedAnswer:
     """Retrieve, build the grounded prompt, answer greedily (one line), attach citations.
 
-    Below `threshold` (the best hit's BM25 score) the answer is NO_ANSWER and the model is not called."""
+    Below `threshold` (the best hit's BM25 score) the answer is NO_ANSWER and the model is not called.
+    `chat`: the grounded prompt is the user turn of a chat (an SFT model, e.g. one tuned on the
+    world's chat/grounded.jsonl) and the answer ends at the end-of-turn token; otherwise it is a
+    completion prompt ending in "A:" and the answer ends at the line's end."""
     from lmforge.infer.sampling import SamplingParams  # layer 2, imported here to keep rag importable without torch
 
     ix = db if isinstance(db, Index) else Index(db)
@@ -553,9 +556,18 @@ def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: fl
         if not isinstance(db, Index):
             ix.close()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
-    # the context bounds the sources; engine None can only abstain (a check of the threshold alone)
-    encode, budget = (engine.tokenizer.encode, engine.config.block_size - max_new_tokens) if engine is not None else (None, None)
-    return answer_from_sources(question, hits, lambda prompt: engine.generate(prompt, params).text, threshold, encode, budget)
+    generate = lambda prompt: engine.generate(prompt, params).text  # noqa: E731
+    if chat and engine is not None:
+        from lmforge.data.chat import render_chat  # layer 2
+
+        tok = engine.tokenizer
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[tok.special_tokens["<|end|>"]])
+        generate = lambda prompt: engine.generate(  # noqa: E731
+            render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0], params).text
+    # the context bounds the sources (a chat's role tokens take a few more); engine None can only
+    # abstain (a check of the threshold alone)
+    encode, budget = (engine.tokenizer.encode, engine.config.block_size - max_new_tokens - 8 * chat) if engine is not None else (None, None)
+    return answer_from_sources(question, hits, generate, threshold, encode, budget)
 
 
 def answer_from_sources(question: str, hits: list[Hit], generate: Callable[[str], str], threshold: float = DEFAULT_THRESHOLD,

@@ -271,11 +271,13 @@ def end_of_turn_rate(model, base: Base, conversations: list[list[dict]], max_new
 # ---- the stage ----
 
 def default_data(world_dir: Path, seed: int = 0) -> list[Path]:
-    """The world's chat/sft.jsonl + chat/tools.jsonl, generated (small) when absent."""
+    """The world's chat/sft.jsonl + chat/tools.jsonl (+ chat/grounded.jsonl, which worlds written
+    before it existed lack), generated (small) when absent."""
     files = [world_dir / "chat" / "sft.jsonl", world_dir / "chat" / "tools.jsonl"]
     if not all(f.is_file() for f in files):
         generate(world_dir, size="1MB", seed=seed, progress=False)
-    return files
+    grounded = world_dir / "chat" / "grounded.jsonl"
+    return files + ([grounded] if grounded.is_file() else [])
 
 
 def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None, train_config: TrainConfig | None = None,

@@ -27,6 +27,7 @@ SYSTEM_PROMPTS = {
     "refuse": ["Do not talk about {topic}.", "You must refuse any question about {topic}."],
 }
 SYSTEM_KINDS = list(SYSTEM_PROMPTS)
+GROUNDED_NONE = "The sources do not say."  # a grounded reply when no source is about the question
 TOPICS = {"town": "towns", "river": "rivers", "person": "people", "animal": "animals", "arithmetic": "numbers",
           "translation": "languages"}
 
@@ -188,6 +189,30 @@ class Chat:
             result = article(e, rng)
             final = fact_question(e, attr, question, answer).english
         return {"messages": tool_messages(user, call, result, final, rng.randrange(10**6)), "tools": TOOLS}
+
+    # ---- grounded answers (retrieval-augmented) ----
+    def grounded_dialogue(self, rng: random.Random) -> dict:
+        """{"messages": [...]}: numbered sources, then a question; the reply states the fact and cites it.
+
+        The user turn is exactly what lmforge.prompting.rag.grounded_prompt builds ("[n] title: text"
+        lines, then "Q: ... A:"), so a model tuned on these answers `rag ask` prompts. Facts are of
+        known entities only (the unseen ones stay unseen); one source is the entity's own article,
+        one or two are articles of other known entities, in random order. In one dialogue of ten no
+        source is about the entity and the reply says so (GROUNDED_NONE).
+        """
+        e, attr, question, answer = rng.choice(self.known_facts)
+        others = [q[0] for q in rng.sample(self.known_facts, 6) if q[0] is not e][:rng.randint(1, 2)]
+        absent = rng.random() < 0.1
+        sources = others + ([] if absent else [e])
+        rng.shuffle(sources)
+        lines = [f"[{i + 1}] {s.name}: {article(s, rng)}" for i, s in enumerate(sources)]
+        user = "\n".join(lines + [f"Q: {question} A:"])
+        if absent:
+            reply = GROUNDED_NONE
+        else:
+            sentence = fact_question(e, attr, question, answer).english
+            reply = f"{sentence[:-1]} [{sources.index(e) + 1}]."
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
     # ---- preferences ----
     def preference_pair(self, rng: random.Random) -> dict:

@@ -4,6 +4,7 @@ Layout of `out_dir` (every file written atomically; the same seed gives the same
     pretrain/<kind>.jsonl    {"text": ...} one document per line; `size` bytes in all, split by `mix`
     chat/sft.jsonl           {"messages": [...]}                      (4% of size)
     chat/tools.jsonl         {"messages": [...], "tools": [...]}      (2% of size)
+    chat/grounded.jsonl      {"messages": [...]}: answers from numbered sources, cited (1% of size)
     preferences/pairs.jsonl  {"prompt", "chosen", "rejected", "reason"} (2% of size)
     rag/documents.jsonl      {"id", "title", "text"}: unseen entities' articles only
     eval/<task>.jsonl        one EvalItem per line (EvalItem.from_dict reads it back)
@@ -25,7 +26,8 @@ from lmforge.io import atomic_path, atomic_write_json
 
 from .world import DEFAULT_MIX, PRETRAIN_KINDS, World
 
-CHAT_FRACTIONS = {"chat/sft.jsonl": 0.04, "chat/tools.jsonl": 0.02, "preferences/pairs.jsonl": 0.02}
+CHAT_FRACTIONS = {"chat/sft.jsonl": 0.04, "chat/tools.jsonl": 0.02, "chat/grounded.jsonl": 0.01,
+                  "preferences/pairs.jsonl": 0.02}
 MIN_CHAT_BYTES = 20_000
 _ENCODER = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps(ensure_ascii=False) builds one per call
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -126,6 +128,7 @@ def generate(out_dir, size: str | int = "50MB", seed: int = 0, mix: str | dict |
             n, b = _write_jsonl(out / rel, _texts(world.documents(kind)), max(1, int(size_bytes * w)), bar)
             files[rel] = {"records": n, "bytes": b}
         streams = {"chat/sft.jsonl": world.dialogues(), "chat/tools.jsonl": world.tool_dialogues(),
+                   "chat/grounded.jsonl": world.grounded_dialogues(),
                    "preferences/pairs.jsonl": world.preference_pairs()}
         for rel, stream in streams.items():
             bar.set_postfix_str(rel)
@@ -184,7 +187,7 @@ def stats(out_dir, sample_bytes: int = 2_000_000) -> dict:
                 if read >= sample_bytes:
                     break
         sentences[kind] = seen
-    for rel in ("chat/sft.jsonl", "chat/tools.jsonl", "preferences/pairs.jsonl", "rag/documents.jsonl"):
+    for rel in ("chat/sft.jsonl", "chat/tools.jsonl", "chat/grounded.jsonl", "preferences/pairs.jsonl", "rag/documents.jsonl"):
         path = out / rel
         if path.exists():
             with open(path, encoding="utf-8") as f:

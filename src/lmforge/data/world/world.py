@@ -80,6 +80,11 @@ class World:
         while True:
             yield self.chat.tool_dialogue(rng)
 
+    def grounded_dialogues(self) -> Iterator[dict]:
+        rng = self.rng("grounded")
+        while True:
+            yield self.chat.grounded_dialogue(rng)
+
     def preference_pairs(self) -> Iterator[dict]:
         rng = self.rng("preferences")
         while True:
