@@ -169,6 +169,10 @@ def test_completions_n_echo_and_lists(client, model, tok):
     assert echo.choices[0].text.startswith("the lazy")
     streamed = list(client.completions.create(model="tiny", prompt="the quick", max_tokens=6, seed=5, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == engine_text(model, tok, tok.encode("the quick"), max_new_tokens=6, seed=5)
+    kw = dict(model="tiny", prompt="the quick", max_tokens=4, temperature=0, suffix=" [end]")
+    whole = client.completions.create(**kw).choices[0].text
+    assert whole == engine_text(model, tok, tok.encode("the quick"), max_new_tokens=4, temperature=0) + " [end]"
+    assert "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True)) == whole
 
 
 def test_prefix_cache_hits_show_in_usage_and_metrics(client, url):

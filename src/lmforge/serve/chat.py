@@ -156,18 +156,22 @@ async def _chat_stream(worker, job, tok, body, samples, head, cites, include_usa
     try:
         for i in range(len(samples)):
             yield chunk(i, {"role": "assistant", "content": ""}, **(cites if i == 0 else {}))
-        async for event in job.events():
-            s = samples[event.index]
-            pieces = s.feed(event)
-            lp = {"content": [chat_logprobs(tok, event)]} if body.logprobs else None
-            for kind, value in pieces or [("content", "")]:
-                if kind == "content" and not value and lp is None:
-                    continue
-                delta = {"content": value} if kind == "content" else {"tool_calls": [openai_tool_call(value, with_index=True)]}
-                yield chunk(event.index, delta, logprobs=lp)
-                lp = None  # a token's logprobs go with its first piece
-            if s.finish is not None:
-                yield chunk(event.index, {}, s.finish)
+        async for batch in job.batches():
+            out = []
+            for event in batch:
+                s = samples[event.index]
+                pieces = s.feed(event)
+                lp = {"content": [chat_logprobs(tok, event)]} if body.logprobs else None
+                for kind, value in pieces or [("content", "")]:
+                    if kind == "content" and not value and lp is None:
+                        continue
+                    delta = {"content": value} if kind == "content" else {"tool_calls": [openai_tool_call(value, with_index=True)]}
+                    out.append(chunk(event.index, delta, logprobs=lp))
+                    lp = None  # a token's logprobs go with its first piece
+                if s.finish is not None:
+                    out.append(chunk(event.index, {}, s.finish))
+            if out:
+                yield "".join(out)
         if include_usage:
             n_prompt = len(job.request.prompt_ids)
             yield sse({**head, "choices": [], "usage": usage(n_prompt, sum(s.tokens for s in samples), job.cached_tokens)})
@@ -212,8 +216,9 @@ async def completion_response(state, body, prompts: list[list[int]], params, req
     events: dict[int, list] = {}
 
     async def consume(_):
-        async for k, event in _merged(jobs, number):
-            events.setdefault(k * body.n + event.index, []).append(event)
+        async for batch in _merged(jobs, number):
+            for k, event in batch:
+                events.setdefault(k * body.n + event.index, []).append(event)
 
     def build():
         choices = []
@@ -238,16 +243,21 @@ async def _watch_all(jobs, worker, request, consume):
 
 
 async def _merged(jobs, number):
-    """(prompt number, event) from jobs sharing one queue, until every job ended."""
+    """Lists of (prompt number, event) from jobs sharing one queue, until every job ended."""
     left = len(jobs)
     while left:
-        item = await jobs[0].queue.get()
-        if item is None:
-            left -= 1
-        elif isinstance(item, EngineFailure):
-            raise item
-        else:
-            yield number[item.request_id], item
+        items = [await jobs[0].queue.get()]
+        while not jobs[0].queue.empty():
+            items.append(jobs[0].queue.get_nowait())
+        batch = []
+        for item in items:
+            if item is None:
+                left -= 1
+            elif isinstance(item, EngineFailure):
+                raise item
+            else:
+                batch.append((number[item.request_id], item))
+        yield batch
 
 
 async def _completion_stream(worker, jobs, number, body, head, echo, usage_now, include_usage, tok):
@@ -257,11 +267,16 @@ async def _completion_stream(worker, jobs, number, body, head, echo, usage_now, 
         if body.echo:
             for i in range(len(jobs) * body.n):
                 yield sse({**head, "choices": [{"index": i, "text": echo[i // body.n], "logprobs": None, "finish_reason": None}], **extra})
-        async for k, event in _merged(jobs, number):
-            lp = completion_logprobs(tok, [event], 0) if body.logprobs is not None else None
-            text = event.text + (body.suffix or "" if event.finish_reason else "")
-            finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
-            yield sse({**head, "choices": [{"index": k * body.n + event.index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra})
+        async for batch in _merged(jobs, number):
+            out = []
+            for k, event in batch:
+                lp = completion_logprobs(tok, [event], 0) if body.logprobs is not None else None
+                text = event.text + ((body.suffix or "") if event.finish_reason else "")
+                finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
+                out.append(sse({**head, "choices": [{"index": k * body.n + event.index, "text": text, "logprobs": lp,
+                                                     "finish_reason": finish}], **extra}))
+            if out:
+                yield "".join(out)
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage_now()})
         done = True

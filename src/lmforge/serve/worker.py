@@ -51,13 +51,26 @@ class Job:
 
     async def events(self):
         """The job's events as they come; raises EngineFailure if the engine failed."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self):
+        """The job's events in lists: all that arrived by the time the reader looks (a reader
+        that falls behind the engine writes several tokens at once, not one write per token)."""
         while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, EngineFailure):
-                raise item
-            yield item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            events = []
+            for item in items:
+                if isinstance(item, EngineFailure):
+                    raise item
+                if item is None:
+                    yield events
+                    return
+                events.append(item)
+            yield events
 
 
 class EngineWorker:
