@@ -12,7 +12,7 @@ import torch
 from lmforge.cli import main
 from lmforge.infer.decode_step import supports
 from lmforge.model import KVCache, ModelConfig, Transformer
-from lmforge.model.hf import config_from_hf
+from lmforge.model.hf import config_from_hf, load_hf_checkpoint
 from lmforge.model.mla import kv_cache_bytes_per_token
 from lmforge.model.moe import route
 from lmforge.model.params import count_params
@@ -69,7 +69,7 @@ def test_kv_bytes_per_token_match_the_cache():
 def random_model(preset: str, seed: int = 0, **overrides) -> Transformer:
     """A family's tiny preset at toy width, weights perturbed off their init (norms too) and a
     scaled head, so every switch matters and greedy choices are far from ties."""
-    config = ModelConfig.from_preset(preset, vocab_size=97, block_size=128, **overrides)
+    config = ModelConfig.from_preset(preset, **{"vocab_size": 97, "block_size": 128, **overrides})
     torch.manual_seed(seed)
     model = Transformer(config)
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_lean_decode_step_declines_the_new_families():
     assert supports(Transformer(ModelConfig.from_preset("tiny", vocab_size=97)))
 
 
-def test_unknown_family_and_unsupported_architecture(tmp_path):
+def test_unknown_family_and_unsupported_architecture(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"family='gpt5' is unknown \(known: llama, mistral, .*gemma3, deepseek_v3\)"):
         ModelConfig.from_preset("tiny", family="gpt5")
     (tmp_path / "config.json").write_text(json.dumps({**ModelConfig.from_preset("tiny").to_dict(), "family": "falcon"}))
@@ -219,6 +219,13 @@ def test_unknown_family_and_unsupported_architecture(tmp_path):
                                          r"supported: llama \(LlamaForCausalLM\).*gemma3_text \(Gemma3ForCausalLM\), "
                                          r"deepseek_v3 \(DeepseekV3ForCausalLM\)"):
         config_from_hf({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]})
+    hf_dir = tmp_path / "t5"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(ValueError, match=r"t5/config.json: HF model_type 't5'"):  # the file is named
+        load_hf_checkpoint(hf_dir)
+    assert main(["params", str(hf_dir)]) != 0
+    assert "t5/config.json: HF model_type 't5' (architectures: T5ForConditionalGeneration)" in capsys.readouterr().err
 
 
 def test_flops_attention_term_stops_at_the_window():
@@ -231,3 +238,22 @@ def test_flops_attention_term_stops_at_the_window():
     gemma = ModelConfig.from_preset("gemma3-tiny")  # 5 local layers of window 32, 1 global
     no_window = gemma.with_overrides(sliding_window=None)
     assert flops_per_token(no_window, T) - flops_per_token(gemma, T) == 12 * 5 * (T - 32) * gemma.n_head * gemma.head_dim
+
+
+@torch.no_grad()
+def test_speculative_decoding_rolls_back_sliding_window_and_latent_caches():
+    """Rejected drafts are rolled back by lowering pos: the speculative caches keep every
+    position (rolling=False), so the output is the target's own greedy continuation."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.tokenizer import train
+
+    tok = train("First Citizen: Before we proceed any further, hear me speak. " * 30, vocab_size=300, workers=1)
+    for preset, overrides in (("mistral-tiny", {"sliding_window": 8, "vocab_size": 300}), ("deepseek-tiny", {"vocab_size": 300})):
+        target = random_model(preset, **overrides)
+        draft = random_model(preset, seed=1, **overrides)
+        params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+        ids = tok.encode("First Citizen: hear")
+        engine = Engine(target, tok, draft_model=draft, num_draft_tokens=3)
+        assert engine.generate(ids, params).token_ids == Engine(target, tok).generate(ids, params).token_ids
+        assert engine.spec_stats["proposed"] > engine.spec_stats["accepted"]  # some drafts were rejected

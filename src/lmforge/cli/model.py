@@ -38,7 +38,10 @@ def resolve_config(spec: str, overrides: dict):
         if not config_path.is_file():
             raise FileNotFoundError(2, "no config.json in model directory", str(config_path))
         d = read_json(config_path)
-        config = config_from_hf(d) if "model_type" in d else ModelConfig.from_dict(d)
+        try:
+            config = config_from_hf(d) if "model_type" in d else ModelConfig.from_dict(d)
+        except ValueError as e:
+            raise UserError(f"{config_path}: {e}") from None
         return config.with_overrides(**overrides) if overrides else config
     raise UserError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a directory with config.json")
 

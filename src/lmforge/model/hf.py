@@ -600,7 +600,10 @@ def load_hf_checkpoint(path: str | Path, device="cpu", dtype=None) -> Transforme
     if not config_path.is_file():
         raise FileNotFoundError(2, "config.json missing in HF checkpoint directory", str(config_path))
     hf_config = read_json(config_path)
-    config = config_from_hf(hf_config)
+    try:
+        config = config_from_hf(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(2, "no *.safetensors weights in HF checkpoint directory (pickled .bin files are not read)", str(path))
