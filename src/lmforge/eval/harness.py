@@ -25,7 +25,9 @@ score each token once); generation goes through the lmforge engine.
 from __future__ import annotations
 
 import sys
+import warnings
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -45,7 +47,7 @@ class LMForgeLM(LM):
     def __init__(self, run: str, batch_size: int | str = 16, max_batch_size: int | None = None, device: str = "cpu",
                  max_gen_toks: int = 256):
         super().__init__()
-        self.em = load_model(run, device=device or "cpu")
+        self.em = load_model(run, device=_available(device))
         self.batch_size = 16 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self._engine = None
@@ -92,6 +94,17 @@ class LMForgeLM(LM):
                               temperature=float(gen_kwargs.get("temperature", 1.0)) if sample else 0.0,
                               top_p=float(gen_kwargs.get("top_p") or 1.0), top_k=int(gen_kwargs.get("top_k") or 0),
                               seed=gen_kwargs.get("seed", 0), stop=until, truncation="left")
+
+
+def _available(device: str | None) -> str:
+    """The device asked for, or the CPU when it names an accelerator this machine lacks (lm-eval's
+    CLI asks for "cuda" unless told otherwise; its HFLM falls back the same way)."""
+    if not device:
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r} is not available; using the CPU")
+        return "cpu"
+    return device
 
 
 def main(argv: list[str] | None = None) -> None:
