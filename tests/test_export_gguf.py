@@ -122,6 +122,18 @@ def test_every_tensor_reads_back(family, dtype, tokenizers, tmp_path):
             assert qtype == dtype.upper(), name
 
 
+def test_from_an_hf_directory(tokenizers, tmp_path):
+    """A Hugging Face checkpoint directory (here lmforge's own export of the run) gives the same file."""
+    from lmforge.export import export_hf
+
+    run = make_run(tmp_path / "run", "llama-tied-llama3-rope", tokenizers["gpt4"])
+    export_hf(run, tmp_path / "hf")
+    export_gguf(run, tmp_path / "a.gguf", dtype="f32")
+    export_gguf(tmp_path / "hf", tmp_path / "b.gguf", dtype="f32")
+    a, b = (read_tensors(gguf.GGUFReader(str(tmp_path / f))) for f in ("a.gguf", "b.gguf"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_permutation_is_llama_cpps():
     """permute_rotary is convert_hf_to_gguf.py's LlamaModel.permute; unpermute_rotary inverts it."""
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2 * 8, 3)  # 2 heads of D=8, 3 inputs

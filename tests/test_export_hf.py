@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file as safe_load
 
 from export_helpers import FAMILIES, FAMILY_PATTERN, SAMPLES, make_run, randomise, tiny_tokenizer
 from lmforge.cli import main
@@ -146,6 +147,17 @@ def test_qwen2_with_another_split_pattern_is_noted(tokenizer, tmp_path):
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))
     for text in SAMPLES:
         assert fast(text)["input_ids"] == tokenizer.encode(text)
+
+
+def test_an_hf_directory_exports_as_it_came(tokenizer, tmp_path):
+    """A Hugging Face checkpoint directory is a run too: exporting an export gives the same files."""
+    run = make_run(tmp_path / "run", "mixtral", tokenizer)
+    export_hf(run, tmp_path / "hf")
+    export_hf(tmp_path / "hf", tmp_path / "hf2")
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((tmp_path / "hf2" / name).read_text()) == json.loads((tmp_path / "hf" / name).read_text()), name
+    a, b = (safe_load(str(tmp_path / d / "model.safetensors")) for d in ("hf", "hf2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_export(family_tokenizers, tmp_path):
