@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.serve.protocol import APIError
 from lmforge.serve.served import TOOL_CLOSE, TOOL_OPEN
@@ -137,11 +137,13 @@ async def chat_response(state, body, plan, request):
         "usage": usage(len(plan.ids), sum(s.tokens for s in samples), job.cached_tokens)})
 
 
-async def _answer(waiting, build) -> JSONResponse:
+async def _answer(waiting, build) -> Response:
     try:
         await waiting
     except EngineFailure as e:
         raise APIError(500, f"the engine failed while generating: {e}", code="engine_error") from None
+    except ClientGone:  # nobody to answer; counted as 499 (client closed request) in /metrics
+        return Response(status_code=499)
     return JSONResponse(build())
 
 
