@@ -84,6 +84,28 @@ def without_extra_buffers(llama_cpp) -> None:
     llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
 
 
+def chat_check(llm, gguf_path: Path, tok) -> dict:
+    """The file's chat template, rendered by llama-cpp-python's Jinja2 chat formatter and tokenized by
+    llama.cpp with special tokens parsed, against render_chat's ids; and whether llama.cpp ends
+    generation at <|end|> (end of a turn)."""
+    import gguf
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from lmforge.data.chat import render_chat
+
+    field = gguf.GGUFReader(str(gguf_path)).fields["tokenizer.chat_template"]
+    template = bytes(field.parts[field.data[0]]).decode("utf-8")
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 plus 3?"}]
+    bos = "<|bos|>" if "<|bos|>" in tok.special_tokens else ""
+    prompt = Jinja2ChatFormatter(template, eos_token="<|eos|>", bos_token=bos)(messages=messages).prompt
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    end = tok.special_tokens.get("<|end|>")
+    vocab = llama_cpp.llama_cpp.llama_model_get_vocab(llm.model)
+    return {"chat_ids_equal": ids == render_chat(tok, messages, add_generation_prompt=True)[0],
+            "end_of_turn_is_eog": end is not None and bool(llama_cpp.llama_cpp.llama_vocab_is_eog(vocab, end))}
+
+
 def compare(run: Path, gguf_path: Path, prompt: str, n: int, model, tok) -> dict:
     import llama_cpp
 
@@ -98,6 +120,7 @@ def compare(run: Path, gguf_path: Path, prompt: str, n: int, model, tok) -> dict
     with torch.no_grad():
         ours_logits = model(torch.tensor([ids]))[0][0].float().numpy()
     ours = Engine(model, tok).generate(ids, SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)).token_ids
+    chat = chat_check(llm, gguf_path, tok)
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     llm.close()
     return {"prompt_ids_equal": theirs_ids == ids, "prompt_tokens": len(ids),
@@ -105,7 +128,7 @@ def compare(run: Path, gguf_path: Path, prompt: str, n: int, model, tok) -> dict
             "logit_scale": float(np.abs(ours_logits).max()),
             "greedy_tokens": n, "greedy_agree_before_first_diff": agree, "greedy_identical": ours == theirs,
             "argmax_agree_on_prompt": float((logits.argmax(-1) == ours_logits.argmax(-1)).mean()),
-            "gguf_bytes": gguf_path.stat().st_size, "llama_cpp_s": round(llama_s, 3)}
+            "gguf_bytes": gguf_path.stat().st_size, "llama_cpp_s": round(llama_s, 3), **chat}
 
 
 def main() -> None:
