@@ -308,6 +308,10 @@ def test_unknown_split_pattern_is_refused(tmp_path):
         export_gguf(run, tmp_path / "m.gguf", dtype="q4_0")
     with pytest.raises(ValueError, match="is a directory"):
         export_gguf(run, tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        export_gguf(run, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
 def test_cli_export_gguf(tokenizers, tmp_path, capsys):

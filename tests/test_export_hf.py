@@ -181,6 +181,8 @@ def test_bad_input_is_refused_with_one_clear_message(tokenizer, tmp_path, capsys
     with pytest.raises(ValueError, match="not an earlier Hugging Face export"):
         export_hf(run, other)
     assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="exists and is a file"):
+        export_hf(run, other / "notes.txt")
     # an architecture with no HF counterpart: QK-norm
     qk = ModelConfig(vocab_size=448, qk_norm=True, n_layer=1, n_head=4, n_embd=64)
     save_pretrained(Transformer(qk), tmp_path / "qk")

@@ -244,6 +244,11 @@ def _encode_tensor(t: torch.Tensor, qtype: str):
     return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
 
 
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def export_gguf(run_dir: str | Path, out: str | Path, dtype: str = "f16", progress: bool = False) -> dict:
     """Write the run in `run_dir` as the GGUF file `out` (atomically). dtype: f32 | f16 | q8_0.
     Returns a report (architecture, tensor count and types, file size)."""
@@ -254,6 +259,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, dtype: str = "f16", progre
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give the path of the .gguf file to write")
+    if out.is_file() and _magic(out) != b"GGUF":
+        raise ValueError(f"--out {out} exists and is not a GGUF file; it would be replaced: choose a new path")
     source = load_export_source(run_dir)
     arch = gguf_arch(source.model.config)
     pre_tokenizer_name(source.tokenizer.pattern)  # refuse an unknown pattern before any work

@@ -34,6 +34,8 @@ def check_out_path(run_dir: Path, out: Path) -> None:
     run, target = run_dir.resolve(), out.resolve()
     if target == run or target in run.parents:
         raise ValueError(f"--out {out} is (or contains) the run directory {run_dir}; choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is a file; the export is a directory: choose a new path")
     if out.is_dir() and any(out.iterdir()):
         config = out / "config.json"
         if not (config.is_file() and "model_type" in read_json(config)):
