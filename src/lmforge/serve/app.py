@@ -234,6 +234,7 @@ def _key_check(state: ServerState):
 
 # ---- routes ----
 def _routes(app: FastAPI, state: ServerState, auth) -> None:
+    """Health, models and the generation endpoints; `auth` checks the API key."""
     @app.get("/health")
     async def health():
         if state.served is None:
@@ -266,14 +267,18 @@ def _routes(app: FastAPI, state: ServerState, auth) -> None:
         prompts = _prompt_ids(served, body.prompt, "prompt")
         for ids in prompts:
             check_prompt(served, ids, "prompt")
-        params = sampling_params(served, body, max(map(len, prompts)), state.max_batch_size,
-                                 top_logprobs=body.logprobs or 0)
+        params = sampling_params(served, body, state.max_batch_size, top_logprobs=body.logprobs or 0)
         return await chat.completion_response(state, body, prompts, params, request)
 
     @app.post("/v1/embeddings", dependencies=[auth])
     async def embeddings(body: EmbeddingRequest):
         return _embeddings(state, body)
 
+    _utility_routes(app, state, auth)
+
+
+def _utility_routes(app: FastAPI, state: ServerState, auth) -> None:
+    """/tokenize, /detokenize, /metrics, the RAG chunks and the chat page."""
     @app.post("/tokenize", dependencies=[auth])
     async def tokenize(body: TokenizeRequest):
         served = state.ready(body.model)

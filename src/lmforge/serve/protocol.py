@@ -177,9 +177,7 @@ class EmbeddingRequest(_Body):
 class TokenizeRequest(_Body):
     model: str | None = None
     prompt: str | None = None
-    messages: list[Message] | None = None
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = True
+    messages: list[Message] | None = None  # rendered with the chat template, ending in the assistant's turn
 
 
 class DetokenizeRequest(_Body):

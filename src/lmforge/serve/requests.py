@@ -36,7 +36,7 @@ def check_prompt(served: ServedModel, ids: list[int], param: str) -> None:
                             f"for a completion: shorten the {param}", param=param, code="context_length_exceeded")
 
 
-def sampling_params(served: ServedModel, body, n_prompt: int, max_batch_size: int, **extra) -> SamplingParams:
+def sampling_params(served: ServedModel, body, max_batch_size: int, **extra) -> SamplingParams:
     """The body's sampling fields as SamplingParams; errors name the API field."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or served.context
     if body.n > max_batch_size:
@@ -118,7 +118,7 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
             raise APIError(400, "response_format and a forced tool call cannot both constrain the output", param="response_format")
         extra["constraint"] = _format_constraint(served, body)
     check_prompt(served, ids, "messages")
-    params = sampling_params(served, body, len(ids), max_batch_size, stop_token_ids=stop_ids, **extra)
+    params = sampling_params(served, body, max_batch_size, stop_token_ids=stop_ids, **extra)
     return Plan(ids, params, prefix, citations)
 
 
