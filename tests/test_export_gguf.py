@@ -134,6 +134,19 @@ def test_from_an_hf_directory(tokenizers, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_quantized_run_is_written_dequantized(tokenizers, tmp_path):
+    from lmforge.infer.quantize import quantize_run
+
+    run = make_run(tmp_path / "run", "lmforge-llama", tokenizers["gpt4"])
+    quantize_run(run, tmp_path / "q", bits=8)
+    report = export_gguf(tmp_path / "q", tmp_path / "m.gguf", dtype="f32")
+    assert any("de-quantized from int8" in n for n in report["notes"])
+    qmodel, _ = load_run(tmp_path / "q")
+    got = read_tensors(gguf.GGUFReader(str(tmp_path / "m.gguf")))
+    v = qmodel.layers[0].self_attn.v_proj
+    assert torch.equal(got["blk.0.attn_v.weight"], v.dequantized_weight(torch.float32))
+
+
 def test_permutation_is_llama_cpps():
     """permute_rotary is convert_hf_to_gguf.py's LlamaModel.permute; unpermute_rotary inverts it."""
     w = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2 * 8, 3)  # 2 heads of D=8, 3 inputs
