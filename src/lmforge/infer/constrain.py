@@ -210,7 +210,9 @@ class JsonConstraint:
         """The close table of the tokens in `trie`, by walking it (cached per state and trie)."""
         key = (id(trie), state)
         cached = self._masks.get(key)
-        if cached is None:
+        if cached is not None:
+            self._masks.move_to_end(key)
+        else:
             ids, closes = self.index.walk(self.grammar, state, trie)
             cached = (torch.tensor(ids, dtype=torch.long), torch.tensor(closes, dtype=torch.int32))
             self._remember(key, cached)
