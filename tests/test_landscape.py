@@ -152,8 +152,16 @@ def test_gemma3_local_global_cached_equals_recompute():
     idx = torch.randint(0, 97, (2, 30))
     full, _ = model(idx)
     got, cache = cached_decode(model, idx, 9, max_len=64)
-    assert cache.window is None  # a global layer needs every position: no rolling buffer
-    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    # the global layer keeps all 64 positions, the 5 local ones a rolling buffer of 6
+    assert cache.mixed and cache.k.shape[0] == 1 and cache.local_k.shape[0] == 5 and cache.local_k.shape[3] == 6
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-6)
+    got, _ = cached_decode(model, idx, 20, max_len=64)  # a prefill longer than the window
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-6)
+    got, cache = cached_decode(model, idx, 9, max_len=64, rolling=False)  # full length, window masks
+    assert not cache.mixed and cache.k.shape[3] == 64
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-6)
+    per_layer = 2 * 2 * 32 * 4  # (k, v) * K * D * fp32, per slot
+    assert KVCache(model.config, 1, 1024).nbytes == per_layer * (1024 + 5 * 6)  # vs 6 * 1024 without the buffers
     assert not torch.isclose(model.rope_local_cos, model.rope_cos).all()  # local and global RoPE bases differ
 
 

@@ -35,6 +35,9 @@ class KVCache:
       however long decoding runs (Mistral paper, section 2 "Rolling Buffer Cache"). Positions
       older than the window are gone: lowering `pos` cannot roll back (speculative decoding asks
       for `rolling=False`), and a prefix cache cannot read a prompt's early blocks back.
+    - a model with local and global layers (Gemma 3, 5:1) keeps k, v (n_global, B, K, S, D) for
+      its global layers and a rolling buffer local_k, local_v (n_local, B, K, window, D) for the
+      sliding ones; `layer(i)` gives a layer its tensors. The same roll-back caveats apply.
     - Multi-head latent attention (DeepSeek-V2/V3) caches, per token and layer, the compressed
       latent c_kv in `k` (n_layer, B, 1, S, kv_lora_rank) and the shared RoPE key in `v`
       (n_layer, B, 1, S, qk_rope_head_dim): not full keys and values (see mla.py).
@@ -42,16 +45,30 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None, rolling: bool = True):
-        window = config.sliding_window if config.all_layers_sliding and rolling and max_len > config.sliding_window else None
-        slots = window or max_len
+        W = config.sliding_window
+        window = W if W is not None and rolling and max_len > W else None
+        local = [i for i in range(config.n_layer) if config.is_sliding_layer(i)] if window else []
+        mixed = bool(local) and len(local) < config.n_layer
+        slots = max_len if mixed or window is None else window
+        n_global = config.n_layer - len(local) if mixed else config.n_layer
         if config.attention == "mla":
-            k_shape = (config.n_layer, batch_size, 1, slots, config.kv_lora_rank)
-            v_shape = (config.n_layer, batch_size, 1, slots, config.qk_rope_head_dim)
+            k_shape = (n_global, batch_size, 1, slots, config.kv_lora_rank)
+            v_shape = (n_global, batch_size, 1, slots, config.qk_rope_head_dim)
         else:
-            k_shape = v_shape = (config.n_layer, batch_size, config.n_kv_head, slots, config.head_dim)
+            k_shape = v_shape = (n_global, batch_size, config.n_kv_head, slots, config.head_dim)
         dtype = dtype or torch.get_default_dtype()
         self.k = torch.zeros(k_shape, device=device, dtype=dtype)
         self.v = torch.zeros(v_shape, device=device, dtype=dtype)
+        self.local_k = self.local_v = self._layer_index = None
+        if mixed:  # layer i -> (sliding?, its index in its group)
+            self.local_k = torch.zeros(len(local), batch_size, config.n_kv_head, window, config.head_dim, device=device, dtype=dtype)
+            self.local_v = torch.zeros_like(self.local_k)
+            n_l = n_g = 0
+            self._layer_index = []
+            for i in range(config.n_layer):
+                is_local = i in local
+                self._layer_index.append((is_local, n_l if is_local else n_g))
+                n_l, n_g = n_l + is_local, n_g + (not is_local)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.window = window
         self._max_len = max_len
@@ -63,11 +80,29 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.k, cache.v, cache.pos = k, v, pos
         cache.window = window
+        cache.local_k = cache.local_v = cache._layer_index = None
         cache._max_len = max_len if window is not None else k.shape[3]
         return cache
 
+    @property
+    def mixed(self) -> bool:
+        """Global layers at full length plus rolling buffers for the sliding ones (Gemma 3)."""
+        return self.local_k is not None
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Layer i's (k, v, rolling): (B, K, S, D) tensors, rolling when they are a window buffer."""
+        if self._layer_index is None:
+            return self.k[i], self.v[i], self.window is not None
+        is_local, j = self._layer_index[i]
+        return (self.local_k[j], self.local_v[j], True) if is_local else (self.k[j], self.v[j], False)
+
     def rows(self, lo: int, hi: int, max_len: int | None = None) -> "KVCache":
         """A view of rows lo..hi-1 (and the first max_len positions): the engine runs a sub-batch in it."""
+        if self.mixed:
+            view = KVCache.from_tensors(self.k[:, lo:hi, :, :max_len], self.v[:, lo:hi, :, :max_len], self.pos[lo:hi])
+            view.local_k, view.local_v, view._layer_index = self.local_k[:, lo:hi], self.local_v[:, lo:hi], self._layer_index
+            view.window = self.window
+            return view
         if self.window is not None:  # a rolling buffer keeps all its slots
             return KVCache.from_tensors(self.k[:, lo:hi], self.v[:, lo:hi], self.pos[lo:hi], self.window,
                                         min(max_len or self.max_len, self.max_len))
@@ -79,6 +114,8 @@ class KVCache:
         depend on the row, so copying the buffer is right for any n."""
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        if self.mixed:
+            self.local_k[:, dst], self.local_v[:, dst] = self.local_k[:, src], self.local_v[:, src]
         self.pos[dst] = self.pos[src]
 
     @property
@@ -95,8 +132,9 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by keys and values (what `lmforge params` reports per token)."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes held by keys and values, every layer."""
+        tensors = (self.k, self.v) + ((self.local_k, self.local_v) if self.mixed else ())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def reset(self) -> None:
         self.pos.zero_()
@@ -111,6 +149,7 @@ class _Step(NamedTuple):
     local: (mask, is_causal) for sliding-window layers when the window cuts into the keys
     (None: the same as the global pair). slots (B, n): a rolling buffer's call, see
     `_plan_rolling_step`: the new tokens' slots (the last n = min(T, window) of them are kept).
+    local_step: a mixed cache's plan for its sliding layers' rolling buffers.
     """
 
     start: int | None
@@ -121,6 +160,7 @@ class _Step(NamedTuple):
     is_causal: bool
     local: tuple | None = None
     slots: torch.Tensor | None = None
+    local_step: "_Step | None" = None
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -148,6 +188,9 @@ def _with_window(step: _Step, q_pos: torch.Tensor, window: int | None) -> _Step:
 
 def _plan_cache_step(cache: KVCache, positions: torch.Tensor | None, T: int, device, window: int | None = None) -> tuple[_Step, torch.Tensor]:
     """Decide the cache path for one call; returns (step, positions (B, T))."""
+    if cache.mixed:  # global layers: the plain plan; sliding layers: their rolling buffers
+        step, positions = _plan_cache_step(KVCache.from_tensors(cache.k, cache.v, cache.pos), positions, T, device)
+        return step._replace(local_step=_plan_rolling_step(cache, positions, T, device)[0]), positions
     if cache.window is not None:
         return _plan_rolling_step(cache, positions, T, device)
     B, S = cache.batch_size, cache.max_len

@@ -75,7 +75,7 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:
             y = self._expanded(q_nope, q_pe, c_kv, k_pe, mask, is_causal)
         else:
-            c_all, pe_all = _cache_keys(cache.k[self.layer_idx], cache.v[self.layer_idx], c_kv, k_pe, step)  # (B, 1, L, r), (B, 1, L, dr)
+            c_all, pe_all = _cache_keys(*cache.layer(self.layer_idx)[:2], c_kv, k_pe, step)  # (B, 1, L, r), (B, 1, L, dr)
             y = self._absorbed(q_nope, q_pe, c_all.to(q.dtype), pe_all.to(q.dtype), mask, is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * dv))  # (B, T, C)
 

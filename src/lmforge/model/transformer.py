@@ -67,12 +67,15 @@ class CausalSelfAttention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout_p = self.dropout if self.training else 0.0
+        if cache is not None and self.sliding and step.local_step is not None:
+            step = step.local_step  # a mixed cache: this layer's rolling buffer
         mask, is_causal = _masks(step, self.sliding)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                                scale=self.scale, enable_gqa=self.gqa)
         else:
-            k, v = _cache_keys(cache.k[self.layer_idx], cache.v[self.layer_idx], k, v, step)  # (B, K, L, D)
+            ck, cv, _ = cache.layer(self.layer_idx)
+            k, v = _cache_keys(ck, cv, k, v, step)  # (B, K, L, D)
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.gqa)
