@@ -489,3 +489,25 @@ def test_cli_serve_flags(monkeypatch, capsys):
     assert "LMFORGE_TEST_KEY" in capsys.readouterr().err
     assert main(["serve", "--run", "nowhere"]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_tool_call_parser_across_deltas_and_markers():
+    from lmforge.serve.tool_calls import ToolCallParser
+
+    p = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
+    call = '{"name": "calc", "arguments": {"x": 1}}'
+    pieces = [x for d in ["Let me ", "see. <|tool", "_call|>", call[:10], call[10:], "<|/tool_", "call|>", " done"] for x in p.feed(d)]
+    pieces += p.finish()
+    assert [k for k, _ in pieces] == ["content", "content", "tool_call", "content"]
+    assert "".join(v for k, v in pieces if k == "content") == "Let me see.  done"
+    (c,) = [v for k, v in pieces if k == "tool_call"]
+    assert (c["index"], c["name"], json.loads(c["arguments"])) == (0, "calc", {"x": 1})
+    bad = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
+    assert bad.feed("<|tool_call|>{oops}<|/tool_call|>") == [("content", "<|tool_call|>{oops}<|/tool_call|>")]
+    cut = ToolCallParser("<|tool_call|>", "<|/tool_call|>", prefix="<|tool_call|>")
+    assert cut.feed(call) == [] and cut.finish()[0][0] == "tool_call"  # complete JSON, close marker never came
+    unfinished = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
+    assert unfinished.feed('<|tool_call|>{"name": "ca') == [] and unfinished.finish() == [("content", '<|tool_call|>{"name": "ca')]
+    qwen = ToolCallParser("<tool_call>", "</tool_call>")  # HF instruct models: the same JSON between other markers
+    out = qwen.feed('<tool_call>\n{"name": "search", "arguments": {"query": "rivers"}}\n</tool_call>')
+    assert out[0][0] == "tool_call" and out[0][1]["name"] == "search"

@@ -19,7 +19,6 @@ import uuid
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lmforge.serve.protocol import APIError
-from lmforge.serve.served import TOOL_CLOSE, TOOL_OPEN
 from lmforge.serve.tool_calls import ToolCallParser, openai_tool_call
 from lmforge.serve.worker import EngineFailure, EngineWorker, Job
 
@@ -73,9 +72,10 @@ async def watch(job: Job, worker: EngineWorker, request, consume):
 class Sample:
     """One choice being built: its parser (content vs tool calls), text, calls, logprobs."""
 
-    def __init__(self, tool_prefix: str, parse_tools: bool, close_id: int | None):
-        self.parser = ToolCallParser(TOOL_OPEN, TOOL_CLOSE, tool_prefix) if parse_tools else None
+    def __init__(self, tool_prefix: str, markers: tuple[str, str] | None, close_id: int | None):
+        self.parser = ToolCallParser(markers[0], markers[1], tool_prefix) if markers else None
         self.close_id = close_id
+        self.close_marker = markers[1] if markers else ""
         self.content: list[str] = []
         self.calls: list[dict] = []
         self.logprobs: list[dict] = []
@@ -90,7 +90,7 @@ class Sample:
             pieces = [("content", text)] if text else []
         else:
             if event.finish_reason == "stop" and event.token_id == self.close_id:
-                text += TOOL_CLOSE  # a stop token's text is not in the delta: the forced call ends here
+                text += self.close_marker  # a stop token's text is not in the delta: the forced call ends here
             pieces = self.parser.feed(text)
             if event.finish_reason is not None:
                 pieces += self.parser.finish()
@@ -113,8 +113,8 @@ async def chat_response(state, body, plan, request):
     worker, tok = state.worker, state.served.tokenizer
     job = worker.submit(plan.ids, plan.params)
     tool_ids = state.served.tool_ids
-    parse = bool(body.tools) and tool_ids is not None
-    samples = [Sample(plan.tool_prefix, parse, tool_ids[1] if tool_ids else None) for _ in range(body.n)]
+    markers = state.served.tool_markers if body.tools else None
+    samples = [Sample(plan.tool_prefix, markers, tool_ids[1] if tool_ids else None) for _ in range(body.n)]
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.served.name}
     cites = {"citations": plan.citations} if plan.citations is not None else {}
     if body.stream:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lmforge.infer.constrain import json_constraint
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.protocol import APIError, ChatCompletionRequest, Message
-from lmforge.serve.served import TOOL_OPEN, ServedModel
+from lmforge.serve.served import ServedModel
 
 _ENGINE_TO_API = {"max_new_tokens": "max_tokens", "stop_token_ids": "stop", "top_logprobs": "top_logprobs"}
 
@@ -98,7 +98,8 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
     if choice != "none" and not tools:
         raise APIError(400, f"tool_choice={_choice_text(choice)} needs tools", param="tool_choice")
     if choice != "none" and tool_ids is None:
-        raise APIError(400, "this model's tokenizer has no tool-call tokens (<|tool_call|>, <|/tool_call|>)", param="tools")
+        raise APIError(400, "this model's tokenizer has no tool-call tokens (<|tool_call|> <|/tool_call|>, or <tool_call> "
+                            "</tool_call>)", param="tools")
     if choice == "none" and tool_ids is not None:
         extra["logit_bias"] = {tool_ids[0]: -100.0}  # no call can start
     elif choice == "required" or not isinstance(choice, str):
@@ -106,7 +107,7 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
         if name is not None and name not in names:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})", param="tool_choice")
         # the call is forced: the prompt opens it, and the call's JSON is constrained to a call of the allowed tools
-        prefix = TOOL_OPEN
+        prefix = served.tool_markers[0]
         ids = ids + [tool_ids[0]]
         try:
             extra["constraint"] = json_constraint(served.tokenizer, _call_schema(tools, name))

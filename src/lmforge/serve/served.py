@@ -6,7 +6,7 @@
 
 An lmforge run renders with `render_chat` (its `tool_calls` are `<|tool_call|>...<|/tool_call|>`
 segments); an HF directory with its own `chat_template` (transformers' rendering, `tools` passed to
-the template). Generation of a chat turn stops at the template's end-of-turn token.
+the template; calls parsed between `<tool_call>` and `</tool_call>` when those are special tokens). Generation of a chat turn stops at the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from lmforge.io import read_json
 from lmforge.model.hf import load_hf_checkpoint
 from lmforge.tokenizer import Tokenizer
 
-TOOL_OPEN, TOOL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
+# tool-call segment markers, first present pair wins: lmforge's chat format, then Qwen/Hermes-style
+# `<tool_call>{"name", "arguments"}</tool_call>` of HF instruct models (the same JSON inside)
+TOOL_MARKERS = (("<|tool_call|>", "<|/tool_call|>"), ("<tool_call>", "</tool_call>"))
 
 
 @dataclass
@@ -40,10 +42,17 @@ class ServedModel:
         return self.model.config.block_size
 
     @property
-    def tool_ids(self) -> tuple[int, int] | None:
-        """(<|tool_call|>, <|/tool_call|>) ids when the tokenizer has them (tool calls are parsable)."""
+    def tool_markers(self) -> tuple[str, str] | None:
+        """The (open, close) tool-call markers that are special tokens of this tokenizer, or None
+        (then tool calls cannot be parsed)."""
         sp = self.tokenizer.special_tokens
-        return (sp[TOOL_OPEN], sp[TOOL_CLOSE]) if TOOL_OPEN in sp and TOOL_CLOSE in sp else None
+        return next(((o, c) for o, c in TOOL_MARKERS if o in sp and c in sp), None)
+
+    @property
+    def tool_ids(self) -> tuple[int, int] | None:
+        """The ids of tool_markers."""
+        markers = self.tool_markers
+        return (self.tokenizer.special_tokens[markers[0]], self.tokenizer.special_tokens[markers[1]]) if markers else None
 
 
 def lmforge_chat(model, tokenizer, name: str = "lmforge") -> ServedModel:
