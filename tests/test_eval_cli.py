@@ -45,10 +45,10 @@ def test_world_sets_greedy_keeps_the_old_report_and_appends_eval_json(run_dir, c
     assert main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["eval"]["addition_2digit"]["n"] == 3 and report["samples"]
-    assert "skipped" in report["eval"]["tool_use"]
+    assert report["eval"]["tool_use"]["n"] == 3  # scored through the tool-call loop
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "| addition_2digit | 3 |" in table and "skipped: needs the tool-call loop" in table
+    assert "| addition_2digit | 3 |" in table and "| tool_use | 3 |" in table
     records = json.loads((run_dir / "eval.json").read_text())
     assert len(records) >= 2 and records[-1]["command"] == records[-2]["command"]
     assert "--tasks addition_2digit,tool_use --max-items 3" in records[-1]["command"]

@@ -58,11 +58,22 @@ def test_engine_answers_equal_a_plain_greedy_loop(model_and_tokenizer):
     assert all(name in table for name in tasks)
 
 
-def test_tool_use_is_reported_as_skipped(model_and_tokenizer):
+def test_tool_use_runs_the_tool_loop(model_and_tokenizer):
+    """tool_use items are answered by the tool-call loop (the final assistant reply is scored);
+    a tokenizer without the tool-call tokens gets a reason instead of a crash."""
+    from lmforge.infer.engine import Engine
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.prompting.tools import ToolRegistry, calculator_tool, run_with_tools
+
     model, tok = model_and_tokenizer
-    results = evaluate_tasks(model, tok, {"tool_use": World(0).tasks(2)["tool_use"]})
-    assert results["tool_use"].skipped and results["tool_use"].n == 0
-    assert "skipped" in score_table(results)
+    items = World(0).tasks(2)["tool_use"]
+    results = evaluate_tasks(model, tok, {"tool_use": items}, n_examples=2)
+    assert results["tool_use"].n == 2 and not results["tool_use"].skipped
+    engine, registry = Engine(model, tok), ToolRegistry([calculator_tool()])
+    for item, ex in zip(items, results["tool_use"].examples):
+        last = run_with_tools(engine, list(item.prompt), registry, SamplingParams(max_new_tokens=64, temperature=0.0)).messages[-1]
+        assert ex["prediction"] == ((last.get("content") or "") if last["role"] == "assistant" else "")
+        assert ex["exact"] == item.score(ex["prediction"])["exact"]
 
 
 def test_load_tasks_reads_back_what_generate_wrote(tmp_path):

@@ -21,7 +21,7 @@ from lmforge.data.chat import render_chat
 from lmforge.data.world.chat import GROUNDED_NONE
 from lmforge.infer.sampling import SamplingParams
 from lmforge.prompting import rag
-from lmforge.prompting.tools import ToolRegistry, calculate, calculator_tool, run_with_tools
+from lmforge.prompting.tools import ToolRegistry, calculate, calculator_tool, run_with_tools, search_tool
 
 # replies that decline rather than answer (the world's refusals, `rag`'s and the grounded one)
 _DECLINES = ("i'm sorry", "i don't know", "do not contain", "do not say", GROUNDED_NONE.lower(), rag.NO_ANSWER.lower())
@@ -120,13 +120,46 @@ def tools_vs_none(engine, items, max_new_tokens: int = 64) -> dict:
                          for r, it, p in list(zip(runs, items, products))[:2]]}
 
 
-def few_shot(engine, items, k: int) -> float:
-    """Exact match on completion items whose prompts are examples then a query, one per line
-    (translation_4shot, fewshot), keeping only the last `k` examples (k=0: the query alone)."""
-    prompts = []
+def tool_replies(engine, items, db=None, max_new_tokens: int = 64) -> list[str]:
+    """The final assistant reply of the tool loop for each `tool_use` item, with the calculator and,
+    when `db` (a RAG index of the world's documents) is given, the search tool (greedy)."""
+    registry = ToolRegistry([calculator_tool()] + ([search_tool(db)] if db is not None else []))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    replies = []
     for it in items:
-        *examples, query = it.prompt.split("\n")
-        prompts.append("\n".join(examples[len(examples) - k:] + [query] if k else [query]))
-    params = [SamplingParams(max_new_tokens=it.max_new_tokens, temperature=0.0, stop=list(it.stop)) for it in items]
+        last = run_with_tools(engine, list(it.prompt), registry, params).messages[-1]
+        replies.append((last.get("content") or "") if last["role"] == "assistant" else "")
+    return replies
+
+
+def _example_lines(item) -> list[str]:
+    """An item's worked examples: the lines before its query, or (a one-line prompt) itself answered."""
+    *examples, query = item.prompt.split("\n")
+    if examples:
+        return examples
+    return [f"{query} {item.answer}"]
+
+
+def few_shot_prompt(items, i: int, k: int) -> str:
+    """Item i's query after k examples: its own (nearest the query), then other items' of the same
+    kind (`meta["fewshot_task"]` where the set mixes kinds), in item order; k=0 is the query alone."""
+    item = items[i]
+    query = item.prompt.split("\n")[-1]
+    kind = item.meta.get("fewshot_task")
+    own = item.prompt.split("\n")[:-1]
+    pool = [line for j, other in enumerate(items) if j != i and other.meta.get("fewshot_task") == kind
+            for line in _example_lines(other) if not line.startswith(query.rstrip('"').rstrip())]  # never the query itself
+    shots = (pool + own)[len(pool) + len(own) - k:] if k else []
+    if len(shots) < k:
+        raise ValueError(f"item {i} of {item.task}: {k} examples asked for, {len(shots)} available")
+    return "\n".join(shots + [query])
+
+
+def few_shot(engine, items, k: int) -> float:
+    """Greedy exact match on completion items (translation_4shot, fewshot, arithmetic) with k examples
+    in the prompt (few_shot_prompt)."""
+    prompts = [few_shot_prompt(items, i, k) for i in range(len(items))]
+    params = [SamplingParams(max_new_tokens=it.max_new_tokens, temperature=0.0, stop=list(it.stop), truncation="left")
+              for it in items]
     out = engine.generate(prompts, params)
     return sum(it.score(c.text)["exact"] for it, c in zip(items, out)) / max(len(items), 1)

@@ -5,13 +5,15 @@ evaluate_tasks(model, tokenizer, tasks) scores loaded sets (load_tasks(world_dir
 World(seed).tasks()); evaluate_run(run_dir, world_dir) does the same from a run directory, as
 JSON-ready dicts. Completion items are plain text prompts that stop at the item's stop strings;
 chat items (system-prompt compliance) go through `lmforge.data.chat.render_chat` and stop at
-`<|end|>`; tool-use items need the tool-call loop and are reported as `skipped`. Prompts are
-batched through `lmforge.infer.engine.Engine`.
+`<|end|>`; tool-use items run the tool-call loop (eval.capabilities.tool_replies: the calculator,
+and the search tool over an index of the world's documents). Prompts are batched through
+`lmforge.infer.engine.Engine`.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 
-SKIPPED_TASKS = {"tool_use": "needs the tool-call loop (lmforge.prompting tools)"}
+SKIPPED_TASKS: dict[str, str] = {}  # task -> why it is not scored (none today)
 
 
 @dataclass
@@ -67,9 +69,23 @@ def _prompt_ids(tokenizer, item: EvalItem) -> list[int]:
     return tokenizer.encode(item.prompt)
 
 
+def _generate(engine, tokenizer, items: list[EvalItem], batch_size: int, end_id: int | None, bar) -> list[str]:
+    predictions = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        prompts = [_prompt_ids(tokenizer, it) for it in chunk]
+        params = [SamplingParams(max_new_tokens=it.max_new_tokens, temperature=0.0, stop=list(it.stop),
+                                 stop_token_ids=[end_id] if it.kind == "chat" and end_id is not None else [],
+                                 truncation="left") for it in chunk]
+        predictions += [c.text for c in engine.generate(prompts, params)]
+        bar.update(len(chunk))
+    return predictions
+
+
 def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items: int | None = None,
-                   batch_size: int = 32, n_examples: int = 3, progress: bool = False) -> dict[str, TaskResult]:
-    """Greedy answers to every item (the first `max_items` of each set), scored; one TaskResult per set."""
+                   batch_size: int = 32, n_examples: int = 3, progress: bool = False, tool_db=None) -> dict[str, TaskResult]:
+    """Greedy answers to every item (the first `max_items` of each set), scored; one TaskResult per set.
+    `tool_db`: a RAG index for the search tool of `tool_use` items (without it only the calculator runs)."""
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     end_id = tokenizer.special_tokens.get("<|end|>")
     results: dict[str, TaskResult] = {}
@@ -80,15 +96,16 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items
             if name in SKIPPED_TASKS or not items:
                 results[name] = TaskResult(name, 0, 0.0, 0.0, skipped=SKIPPED_TASKS.get(name, "no items"))
                 continue
-            predictions = []
-            for start in range(0, len(items), batch_size):
-                chunk = items[start:start + batch_size]
-                prompts = [_prompt_ids(tokenizer, it) for it in chunk]
-                params = [SamplingParams(max_new_tokens=it.max_new_tokens, temperature=0.0, stop=list(it.stop),
-                                         stop_token_ids=[end_id] if it.kind == "chat" and end_id is not None else [],
-                                         truncation="left") for it in chunk]
-                predictions += [c.text for c in engine.generate(prompts, params)]
-                bar.update(len(chunk))
+            if name == "tool_use":
+                if "<|tool_call|>" not in tokenizer.special_tokens:
+                    results[name] = TaskResult(name, 0, 0.0, 0.0, skipped="the tokenizer has no tool-call tokens")
+                    continue
+                from lmforge.eval.capabilities import tool_replies  # the tool loop (prompting)
+
+                predictions = tool_replies(engine, items, tool_db)
+                bar.update(len(items))
+            else:
+                predictions = _generate(engine, tokenizer, items, batch_size, end_id, bar)
             scores = [it.score(p) for it, p in zip(items, predictions)]
             results[name] = TaskResult(
                 name, len(items),
@@ -118,7 +135,16 @@ def evaluate_run(run_dir, world_dir=None, seed: int = 0, tasks: list[str] | None
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; choose from: {', '.join(all_sets)}")
         task_sets = {k: v for k, v in all_sets.items() if not tasks or k in tasks}
-    results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress)
+    docs = Path(world_dir) / "rag" / "documents.jsonl" if world_dir is not None else None
+    if "tool_use" in task_sets and docs is not None and docs.is_file():
+        from lmforge.prompting import rag  # the search tool's index, built in a temporary file (29 articles: <1 s)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rag.index(Path(tmp) / "docs.sqlite", [docs])
+            results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress,
+                                     tool_db=Path(tmp) / "docs.sqlite")
+    else:
+        results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress)
     out = {"eval": {k: r.to_dict() for k, r in results.items()}, "samples": []}
     if sample_prompts:
         params = SamplingParams(max_new_tokens=48, temperature=0.0)
