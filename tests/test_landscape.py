@@ -46,7 +46,7 @@ def test_published_parameter_counts():
 def test_params_cli_prints_the_landscape_rows(capsys):
     assert main(["params", "deepseek-v3"]) == 0
     out = capsys.readouterr().out
-    assert "671B parameters" in out and "8 of 256 experts" in out and "36.6B" in out
+    assert "671B parameters" in out and "8 of 256 experts" in out and "active non-embed.       36.6B" in out
     assert "70,272 bytes (MLA latent + RoPE key) vs GQA-8 249,856, MHA 3,997,696 (56.9x)" in out
     assert main(["params", "gpt4-speculated"]) == 0
     out = capsys.readouterr().out

@@ -61,7 +61,8 @@ def cmd_params(args) -> int:
     if config.n_expert:
         print(f"  active per token   {format_count(counts['active']):>10}  ({counts['active']:,}; "
               f"{config.n_expert_per_token} of {config.n_expert} experts)")
-        print(f"  active, no embedding table {format_count(counts['active_non_embedding']):>6}  ({counts['active_non_embedding']:,})")
+        print(f"  active non-embed.  {format_count(counts['active_non_embedding']):>10}  ({counts['active_non_embedding']:,}; "
+              "without the token table, as DeepSeek counts 'activated')")
         print(f"  one routed expert  {format_count(counts['expert_each']):>10}  (summed over {len(config.moe_layer_ids)} MoE layers)")
     print(f"  non-embedding      {format_count(counts['non_embedding']):>10}  ({counts['non_embedding']:,})")
     print("  breakdown:")
@@ -82,6 +83,11 @@ def _kv_line(config, kv: dict) -> str:
     """KV-cache bytes per token in bf16, this model against GQA (8 KV heads) and MHA at its width."""
     ours = kv.get("mla", kv.get("this"))
     kind = "MLA latent + RoPE key" if "mla" in kv else f"{config.n_kv_head} KV heads"
-    window = f"; a sliding window caps it at {config.sliding_window} tokens" if config.all_layers_sliding else ""
+    n_local = sum(config.is_sliding_layer(i) for i in range(config.n_layer))
+    window = ""
+    if config.all_layers_sliding:
+        window = f"; a sliding window caps it at {config.sliding_window} tokens"
+    elif n_local:
+        window = f"; {n_local} of {config.n_layer} layers keep only the last {config.sliding_window} tokens"
     return (f"KV cache per token (bf16): {ours:,} bytes ({kind}) vs GQA-8 {kv['gqa8']:,}, MHA {kv['mha']:,} "
             f"({kv['mha'] / ours:.1f}x) at {config.n_head} heads of {config.v_head_dim if 'mla' in kv else config.head_dim}{window}")
