@@ -268,7 +268,10 @@ class JsonConstraint:
         _, nid, _, u, n = thread[-1]
         node, ix = self.grammar.nodes[nid], self.index
         below = thread[:-1]
-        table = ix.plain_close[u] + self.grammar.thread_close(below)  # (V,) INF-ish where not plain
+        below_close = self.grammar.thread_close(below)
+        if below_close >= INF:  # an unsatisfiable context (never reached through allowed tokens)
+            return torch.full((self.vocab_size,), INF, dtype=torch.int32)
+        table = ix.plain_close[u] + below_close  # (V,) INF-ish where not plain; no int32 overflow: both < 2**30
         chars = ix.prefix_chars[u]
         if node.lo > n or node.hi is not None:  # a length bound: count each token's characters
             total = chars + n
