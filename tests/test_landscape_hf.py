@@ -134,3 +134,20 @@ def test_gemma3_multimodal_checkpoint_imports_its_text_tower(tmp_path):
     assert ours.config.family == "gemma3" and ours.config.n_layer == 6
     torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(from_hf(hf)(idx)[0], ref, atol=1e-5, rtol=0)  # in-memory names
+
+
+@pytest.mark.parametrize("preset", ["mistral-7b", "gemma-3-1b", "gemma-3-4b", "deepseek-v3"])
+def test_preset_counts_equal_transformers_own_models(preset):
+    """The published-size presets, exported as HF configs and built by transformers on the meta
+    device, have exactly lmforge's parameter count (DeepSeek-V3: 671,026,404,352)."""
+    from lmforge.model import ModelConfig
+    from lmforge.model.hf import config_to_hf
+    from lmforge.model.params import count_params
+
+    config = ModelConfig.from_preset(preset)
+    hf = config_to_hf(config)
+    model_type = hf.pop("model_type")
+    hf.pop("architectures")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **hf))
+    assert sum(p.numel() for p in model.parameters()) == count_params(config)["total"]
