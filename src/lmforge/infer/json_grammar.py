@@ -61,7 +61,8 @@ MAX_FRAC_DIGITS = 30
 MAX_EXP_DIGITS = 2
 
 ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "$comment", "default", "examples",
-                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions"})
+                         "deprecated", "readOnly", "writeOnly", "$defs", "definitions",
+                         "discriminator"})  # OpenAPI's (pydantic writes it); oneOf is checked on its own
 SUPPORTED = frozenset({"type", "properties", "required", "additionalProperties", "enum", "const", "items",
                        "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum",
                        "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf", "$ref"})
@@ -202,8 +203,10 @@ class _Compiler:
         return self._add(Node("union", alts=[i for i, _ in compiled])), types
 
     def _disjoint(self, a, ta, b, tb) -> bool:
-        """Whether no value can match both schemas (decided on the cases oneOf is written for)."""
-        if not ta & tb:
+        """Whether no value can match both schemas (decided on the cases oneOf is written for:
+        different declared types, disjoint enum/const values, a discriminator property)."""
+        a, b = self._resolve(a), self._resolve(b)
+        if not self._declared_types(a) & self._declared_types(b):
             return True
         la, lb = _literal_values(a), _literal_values(b)
         if la is not None and lb is not None:
@@ -211,11 +214,37 @@ class _Compiler:
         if isinstance(a, dict) and isinstance(b, dict):
             both = set(a.get("required", [])) & set(b.get("required", []))
             for name in both:
-                va = _literal_values(a.get("properties", {}).get(name))
-                vb = _literal_values(b.get("properties", {}).get(name))
+                va = _literal_values(self._resolve(a.get("properties", {}).get(name)))
+                vb = _literal_values(self._resolve(b.get("properties", {}).get(name)))
                 if va is not None and vb is not None and not (va & vb):
                     return True
         return False
+
+    def _resolve(self, schema, depth: int = 0):
+        """The schema a $ref chain ends at (the schema itself without $ref; None if unresolvable)."""
+        while isinstance(schema, dict) and "$ref" in schema and depth < 64:
+            target, ref = self.root, schema["$ref"]
+            for part in ref[2:].split("/") if isinstance(ref, str) and ref.startswith("#/") else []:
+                target = target.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+            schema, depth = target, depth + 1
+        return schema
+
+    def _declared_types(self, schema, depth: int = 0) -> frozenset:
+        """The JSON types a schema can match under JSON Schema's rules (a schema that names no
+        type, const or enum matches every type)."""
+        schema = self._resolve(schema)
+        if not isinstance(schema, dict) or depth > 32:
+            return _type_set(TYPES)
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema.get("enum") or []
+            return _type_set({_json_type(v) for v in values})
+        for word in ("anyOf", "oneOf"):
+            if isinstance(schema.get(word), list):
+                return frozenset().union(*(self._declared_types(b, depth + 1) for b in schema[word]))
+        t = schema.get("type")
+        if t is None:
+            return _type_set(TYPES)
+        return _type_set([t] if isinstance(t, str) else t)
 
     def _literal(self, schema: dict, path: str) -> tuple[int, frozenset]:
         values = [schema["const"]] if "const" in schema else schema["enum"]
