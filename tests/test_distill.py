@@ -174,3 +174,16 @@ def test_on_policy_batches_score_only_the_students_samples(world):
     restored = batches()
     restored.load_state_dict(state)
     assert torch.equal(next(restored)["idx"], want["idx"]) and not torch.equal(want["idx"], batch["idx"])
+
+
+def test_cli_reports_the_tokenizer_mismatch_in_one_line(world, tmp_path, capsys):
+    from lmforge.cli import main
+
+    d, shards, tok = world
+    other = train_tokenizer("yet another corpus with other merges " * 50, vocab_size=300, workers=1)
+    student = _student_run(d, other, name="student_cli_tok")
+    code = main(["distill", "--teacher", str(d / "teacher"), "--student", str(student), "--out", str(tmp_path / "out"),
+                 "--data", str(shards), "--max-steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("lmforge: error: teacher and student tokenizers differ") and other.hash in err
