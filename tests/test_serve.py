@@ -511,3 +511,13 @@ def test_tool_call_parser_across_deltas_and_markers():
     qwen = ToolCallParser("<tool_call>", "</tool_call>")  # HF instruct models: the same JSON between other markers
     out = qwen.feed('<tool_call>\n{"name": "search", "arguments": {"query": "rivers"}}\n</tool_call>')
     assert out[0][0] == "tool_call" and out[0][1]["name"] == "search"
+
+
+def test_fast_chunks_equal_the_general_ones():
+    from lmforge.serve.chat import sse, text_chunk
+
+    head = {"id": "chatcmpl-1", "created": 5, "model": "tiny", "object": "chat.completion.chunk"}
+    fast = text_chunk(head, '"delta": {"content": ', '}, "logprobs": null, "finish_reason": null}], "usage": null}')
+    for text in ("", ' f"ox\\', "é\n\u2028"):
+        slow = sse({**head, "choices": [{"index": 3, "delta": {"content": text}, "logprobs": None, "finish_reason": None}], "usage": None})
+        assert json.loads(fast(3, text)[6:]) == json.loads(slow[6:]) and fast(3, text).endswith("\n\n")

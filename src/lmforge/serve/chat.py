@@ -33,6 +33,17 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def text_chunk(head: dict, before: str, after: str):
+    """A fast writer of the one chunk a stream sends per token: `(index, text) -> "data: {...}"`,
+    the constant part serialised once. Equal, as JSON, to sse({**head, "choices": [{"index":
+    index, <before> text <after>}]})."""
+    pre = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": [{"index": '
+
+    def write(index: int, text: str) -> str:
+        return f"{pre}{index}, {before}{json.dumps(text, ensure_ascii=False)}{after}\n\n"
+    return write
+
+
 def usage(prompt: int, completion: int, cached: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -150,7 +161,12 @@ async def _answer(waiting, build) -> Response:
 async def _chat_stream(worker, job, tok, body, samples, head, cites, include_usage):
     head = {**head, "object": "chat.completion.chunk"}
 
+    tail = ', "usage": null}' if include_usage else "}"
+    content_chunk = text_chunk(head, '"delta": {"content": ', "}, " + '"logprobs": null, "finish_reason": null}]' + tail)
+
     def chunk(index, delta, finish=None, logprobs=None, **top):
+        if logprobs is None and finish is None and not top and list(delta) == ["content"]:
+            return content_chunk(index, delta["content"])  # the common chunk, without building a dict
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**head, **top, "choices": [choice], **({"usage": None} if include_usage else {})})
 
@@ -265,6 +281,7 @@ async def _merged(jobs, number):
 async def _completion_stream(worker, jobs, number, body, head, echo, usage_now, include_usage, tok):
     done = False
     extra = {"usage": None} if include_usage else {}
+    text_piece = text_chunk(head, '"text": ', ', "logprobs": null, "finish_reason": null}]' + (', "usage": null}' if include_usage else "}"))
     try:
         if body.echo:
             for i in range(len(jobs) * body.n):
@@ -272,11 +289,14 @@ async def _completion_stream(worker, jobs, number, body, head, echo, usage_now, 
         async for batch in _merged(jobs, number):
             out = []
             for k, event in batch:
+                index = k * body.n + event.index
+                if body.logprobs is None and event.finish_reason is None:
+                    out.append(text_piece(index, event.text))  # the common chunk, without building a dict
+                    continue
                 lp = completion_logprobs(tok, [event], 0) if body.logprobs is not None else None
                 text = event.text + ((body.suffix or "") if event.finish_reason else "")
                 finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
-                out.append(sse({**head, "choices": [{"index": k * body.n + event.index, "text": text, "logprobs": lp,
-                                                     "finish_reason": finish}], **extra}))
+                out.append(sse({**head, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}], **extra}))
             if out:
                 yield "".join(out)
         if include_usage:
