@@ -42,7 +42,10 @@ def _is_plain(b: int) -> bool:
 
 def _utf8_run(data: bytes, u: int) -> tuple[int, int] | None:
     """(UTF-8 state after `data`, characters started) from state u, or None if invalid.
-    _utf8_run("é".encode()[:1], 0) -> (1, 1); _utf8_run(b"\\xa9", 1) -> (0, 0)"""
+
+    >>> _utf8_run("é".encode()[:1], 0), _utf8_run(b"\\xa9", 1), _utf8_run(b"\\xff", 0)
+    ((1, 1), (0, 0), None)
+    """
     chars = 0
     for b in data:
         if u:

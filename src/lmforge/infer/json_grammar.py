@@ -9,7 +9,8 @@ fewest bytes that finish it, so a state knows the fewest bytes to a complete doc
 
 What is generated (docs/inference.md, *Constrained decoding*): properties in the schema's
 order; whitespace only as one optional space after ':' and ','; nothing around the value;
-numbers with at most two exponent digits; strict UTF-8; \\u escapes only for real characters
+numbers of at most 30 integer and 30 fraction digits and two exponent digits (so every
+number parses, finite); strict UTF-8; \\u escapes only for real characters
 (surrogates only as a high-low pair).
 """
 
@@ -371,7 +372,11 @@ def _integer_bounds(schema: dict, path: str) -> tuple[int | None, int | None]:
 
 def _int_close(text: str, lo: int | None, hi: int | None) -> int | None:
     """Fewest digits to append to the integer prefix `text` ('-', '-1', '0', '12') to land in
-    [lo, hi]; None when no completion does. _int_close("1", 100, 199) -> 2, _int_close("2", 100, 199) -> None"""
+    [lo, hi]; None when no completion does.
+
+    >>> _int_close("1", 100, 199), _int_close("2", 100, 199), _int_close("-", -20, -3)
+    (2, None, 1)
+    """
     neg = text.startswith("-")
     digits = text[1:] if neg else text
     if not digits:
@@ -399,7 +404,8 @@ class Grammar:
     """The byte-level automaton of one compiled schema (see the module docstring).
 
     Frames: ('R', root) before the document; ('S', node, escape, utf8, n chars); ('N', node,
-    phase, text) numbers (text only for a bounded integer); ('L', node, prefix) literals;
+    phase, aux) numbers (aux: the length of the current digit run, or a bounded integer's text
+    so far); ('L', node, prefix) literals;
     ('O', node, phase, i, key prefix) objects; ('F', node, phase) free objects; ('A', node,
     phase, count) arrays. A frame's step returns the frame sequences that replace it (() when
     the value ended with this byte); a frame that may end (a number, a literal) may also be
