@@ -58,6 +58,8 @@ class DemoConfig:
     sft_lr: float = field(default=5e-4, metadata={"help": "SFT learning rate"})
     dpo_lr: float = field(default=5e-6, metadata={"help": "DPO learning rate"})
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+    dpo_rpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen replies' NLL in DPO (RPO), "
+                                                                "which keeps what SFT taught from drifting"})
     eval_items: int = field(default=100, metadata={"help": "items per evaluation set"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -127,7 +129,7 @@ def _run_dpo(d: _Demo) -> dict:
     from lmforge.train.dpo import DPOConfig, dpo
 
     c = d.config
-    config = DPOConfig(world_dir=str(d.world_dir), beta=c.dpo_beta, eval_pairs=64)
+    config = DPOConfig(world_dir=str(d.world_dir), beta=c.dpo_beta, rpo_alpha=c.dpo_rpo_alpha, eval_pairs=64)
     summary = dpo(d.out / "sft", d.out / "dpo", config, d.train_config("dpo", lr=c.dpo_lr, warmup_steps=10, min_lr_ratio=0.0,
                                                                      weight_decay=0.0),
                   resume=True, progress=c.progress, log=lambda msg: None)

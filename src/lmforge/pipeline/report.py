@@ -83,6 +83,7 @@ def commands(out: Path, c) -> list[str]:
         f"lmforge sft --run {out}/base --world-dir {w} --max-time {m(0.2)} --time-schedule --lr {c.sft_lr} "
         f"--out {out}/sft",
         f"lmforge dpo --run {out}/sft --world-dir {w} --max-time {m(0.1)} --time-schedule --lr {c.dpo_lr} --beta {c.dpo_beta} "
+        f"--rpo-alpha {c.dpo_rpo_alpha} "
         f"--out {out}/dpo",
         f"lmforge rag index --docs {w}/rag/documents.jsonl --db {out}/rag.sqlite",
         f"lmforge eval --run {out}/dpo --world {w} --tasks system_prompt",

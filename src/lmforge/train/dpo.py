@@ -80,6 +80,8 @@ class DPOConfig:
     max_len: int = field(default=256, metadata={"help": "tokens per sequence (prompt + reply; longer ones are cut)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per process per micro-batch"})
     eval_pairs: int = field(default=200, metadata={"help": "held-out pairs (implicit-reward accuracy, chosen log-prob)"})
+    rpo_alpha: float = field(default=0.0, metadata={"help": "RPO (TRL's rpo_alpha): add alpha x the chosen replies' "
+                                                            "per-token NLL, which keeps their log-probability from falling"})
 
     def __post_init__(self):
         if self.loss not in LOSS_TYPES:
@@ -105,13 +107,20 @@ def reference_logps(model, rows: list[PairRow], pad_id: int, batch_size: int = 1
 
 
 def dpo_objective(model, batch: dict, beta: float = 0.1, loss_type: str = "sigmoid",
-                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """DPO loss of a batch (chosen rows first, then rejected; ref_*_logps precomputed in the batch)."""
+                  label_smoothing: float = 0.0, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DPO loss of a batch (chosen rows first, then rejected; ref_*_logps precomputed in the batch).
+
+    rpo_alpha > 0 adds alpha x the negative log-likelihood of the chosen replies, per token over
+    the batch (Pang et al. 2024, "Iterative Reasoning Preference Optimization"; TRL's rpo_alpha)."""
     logps, _ = sequence_logps(model, batch["input_ids"], batch["loss_mask"])
     chosen, rejected = logps.chunk(2)
     losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta,
                                             loss_type, label_smoothing, batch["chosen_lengths"], batch["rejected_lengths"])
-    return losses.mean(), {"rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
+    loss, extra = losses.mean(), {}
+    if rpo_alpha:
+        nll = -chosen.sum() / batch["chosen_lengths"].sum().clamp(min=1)
+        loss, extra = loss + rpo_alpha * nll, {"nll/chosen": nll.detach()}
+    return loss, {**extra, "rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
                            "rewards/margin": (r_chosen - r_rejected).mean(),
                            "rewards/accuracy": (r_chosen > r_rejected).float().mean(),
                            "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
@@ -170,7 +179,8 @@ def dpo(policy_path: str | Path, out: str | Path, config: DPOConfig | None = Non
     def evaluate(m):
         return heldout_dpo(m, heldout, ref_heldout, pad_id, config.beta, config.batch_size * 2, device) if heldout else {}
 
-    objective = functools.partial(dpo_objective, beta=config.beta, loss_type=config.loss, label_smoothing=config.label_smoothing)
+    objective = functools.partial(dpo_objective, beta=config.beta, loss_type=config.loss, label_smoothing=config.label_smoothing,
+                                  rpo_alpha=config.rpo_alpha)
     train_config.progress = train_config.progress and progress
     t0 = time.time()
     summary = train(base.model, objective, data, train_config, out, evaluate=evaluate, resume=resume)
