@@ -47,7 +47,7 @@ NESTED = {
                 "required": ["sku", "qty"]}},
         }, "required": ["id", "lines"]},
         "status": {"const": "paid"},
-        "score": {"type": ["number", "null"]},
+        "score": {"anyOf": [{"type": "number", "minimum": -1.5, "exclusiveMaximum": 2.25}, {"type": "null"}]},
     },
     "required": ["order", "status", "score"],
 }
@@ -195,7 +195,7 @@ def test_both_decode_paths_and_the_scheduler(tok, lean):
 
 def test_unsupported_keywords_are_named(tok):
     for schema, word in [({"type": "string", "pattern": "a+"}, "pattern"), ({"type": "string", "format": "date"}, "format"),
-                         ({"type": "number", "minimum": 1.5}, "minimum"), ({"type": "integer", "multipleOf": 3}, "multipleOf"),
+                         ({"type": "number", "minimum": 2, "maximum": 1.5}, "no number"), ({"type": "integer", "multipleOf": 3}, "multipleOf"),
                          ({"type": "array", "items": [{"type": "string"}]}, "items"), ({"type": "thing"}, "type"),
                          ({"$ref": "#/$defs/missing"}, "missing"), ({"type": "string", "minLength": 5, "maxLength": 2}, "maxLength"),
                          ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),
@@ -207,6 +207,36 @@ def test_unsupported_keywords_are_named(tok):
             json_constraint(tok, schema)
     with pytest.raises(ValueError, match="constraint"):
         SamplingParams(constraint={"type": "object"})
+
+
+@pytest.mark.parametrize("schema", [{"type": "number", "minimum": 0.25, "exclusiveMaximum": 0.5},
+                                    {"type": "number", "exclusiveMinimum": -1, "maximum": 0},
+                                    {"type": "integer", "minimum": -12, "maximum": 7}])
+def test_bounded_numbers_accept_exactly_the_numbers_in_range(tok, schema):
+    """Every string of up to 4 characters over '-0123456789.': complete and accepted iff it is a
+    JSON number (no exponent) inside the bounds."""
+    import itertools
+    import re
+    from fractions import Fraction
+
+    grammar = json_constraint(tok, schema).grammar
+    number = re.compile(r"-?(0|[1-9][0-9]*)" + (r"(\.[0-9]+)?$" if schema["type"] == "number" else "$"))
+    lo = Fraction(schema.get("minimum", schema.get("exclusiveMinimum", 0)))
+    hi = Fraction(schema.get("maximum", schema.get("exclusiveMaximum", 0)))
+    n_valid = 0
+    for n in range(1, 5):
+        for chars in itertools.product("-0123456789.", repeat=n):
+            text = "".join(chars)
+            if schema["type"] == "integer" and text == "-0":
+                continue  # valid, but integers are generated without "-0"
+            valid = bool(number.match(text)) and (Fraction(text) > lo if "exclusiveMinimum" in schema else Fraction(text) >= lo) \
+                and (Fraction(text) < hi if "exclusiveMaximum" in schema else Fraction(text) <= hi)
+            state = grammar.initial()
+            for b in text.encode():
+                state = grammar.advance(state, b) if state else state
+            assert bool(state) and grammar.complete(state) == valid or not state and not valid, text
+            n_valid += valid
+    assert n_valid > 10
 
 
 # ---- masks against brute force ------------------------------------------------------------------

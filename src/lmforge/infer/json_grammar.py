@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
 
 INF = 1 << 30  # "never closes" (an unsatisfiable branch): larger than any budget
 
@@ -81,6 +83,7 @@ class Node:
     value: int = -1  # free_object values, array items, alias target
     lo: int | None = None  # integer minimum / array minItems / string minLength (as ints)
     hi: int | None = None
+    strict: tuple = (False, False)  # number: exclusiveMinimum / exclusiveMaximum (lo, hi are Fractions)
     options: list = field(default_factory=list)  # literal: serialized values (bytes)
     alts: list = field(default_factory=list)  # union: node ids
     # derived after compiling (Grammar._derive)
@@ -279,10 +282,8 @@ class _Compiler:
             lo, hi = _integer_bounds(schema, path)
             return self._add(Node("integer", lo=lo, hi=hi))
         if t == "number":
-            for word in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-                if word in schema:
-                    raise _schema_error(path, f"{word} is supported for type integer only, not number")
-            return self._add(Node("number"))
+            lo, hi, strict = _number_bounds(schema, path)
+            return self._add(Node("number", lo=lo, hi=hi, strict=strict))
         return self._add(Node("literal", options=[b"true", b"false"] if t == "boolean" else [b"null"]))
 
     def _object(self, schema: dict, path: str) -> int:
@@ -370,6 +371,87 @@ def _integer_bounds(schema: dict, path: str) -> tuple[int | None, int | None]:
     return lo, hi
 
 
+def _number_bounds(schema: dict, path: str) -> tuple:
+    """(lo, hi, (lo strict, hi strict)) of a number schema, as exact Fractions (None = unbounded)."""
+    def value(word):
+        v = schema.get(word)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise _schema_error(path, f"{word} must be a number, got {v!r}")
+        return None if v is None else Fraction(v)
+
+    lo, hi, lo_strict, hi_strict = value("minimum"), value("maximum"), False, False
+    ex_lo, ex_hi = value("exclusiveMinimum"), value("exclusiveMaximum")
+    if ex_lo is not None and (lo is None or ex_lo >= lo):
+        lo, lo_strict = ex_lo, True
+    if ex_hi is not None and (hi is None or ex_hi <= hi):
+        hi, hi_strict = ex_hi, True
+    if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_strict or hi_strict))):
+        raise _schema_error(path, f"no number lies between the minimum {float(lo)} and the maximum {float(hi)}")
+    for v in (lo, hi):
+        if v is not None and abs(v) >= 10**MAX_INT_DIGITS:
+            raise _schema_error(path, f"number bounds must have at most {MAX_INT_DIGITS} integer digits")
+    return lo, hi, (lo_strict, hi_strict)
+
+
+def _bounded_close(node: Node, text: str) -> int | None:
+    if node.kind == "integer":
+        return _int_close(text, node.lo, node.hi)
+    return _dec_close(text, node.lo, node.hi, *node.strict)
+
+
+@lru_cache(maxsize=65536)
+def _dec_close(text: str, lo, hi, lo_strict: bool, hi_strict: bool) -> int | None:
+    """Fewest characters to append to the decimal prefix `text` ('-', '1', '0.', '-2.5'; no
+    exponent) for a number inside the bounds; None when none does. Digit runs are capped as in
+    `Grammar._step_number`.
+
+    >>> _dec_close("0.", Fraction(1, 4), Fraction(1, 2), False, True), _dec_close("0.5", Fraction(1, 4), Fraction(1, 2), False, True)
+    (1, None)
+    """
+    neg = text.startswith("-")
+    body = text[1:] if neg else text
+    if not body:
+        best = [c + 1 for d in "0123456789" if (c := _dec_close(text + d, lo, hi, lo_strict, hi_strict)) is not None]
+        return min(best) if best else None
+    if neg:  # bounds on the magnitude
+        lo, hi, lo_strict, hi_strict = (None if hi is None else -hi), (None if lo is None else -lo), hi_strict, lo_strict
+    int_part, dot, frac = body.partition(".")
+
+    def fits(base: int, scale: int, count: int) -> bool:
+        """Is some (base + r) / scale, 0 <= r < count, inside [lo, hi]?"""
+        r_lo, r_hi = 0, count - 1
+        if lo is not None:
+            t = lo * scale - base
+            r_lo = max(r_lo, math.floor(t) + 1 if lo_strict else math.ceil(t))
+        if hi is not None:
+            t = hi * scale - base
+            r_hi = min(r_hi, math.ceil(t) - 1 if hi_strict else math.floor(t))
+        return r_lo <= r_hi
+
+    if dot:
+        k = len(frac)
+        for f in range(max(k, 1), MAX_FRAC_DIGITS + 1):  # f fraction digits in all
+            if fits(int(int_part + frac) * 10 ** (f - k), 10**f, 10 ** (f - k)):
+                return f - k
+        return None
+    D = int(int_part)
+    best = None
+    for j in range(0, (0 if int_part == "0" else MAX_INT_DIGITS - len(int_part)) + 1):  # j more integer digits
+        if best is not None and j >= best:
+            break
+        grid = 10**MAX_FRAC_DIGITS
+        if not fits(D * 10**j * grid, grid, 10**j * grid):  # not even on the finest grid
+            continue
+        if fits(D * 10**j, 1, 10**j):
+            best = j
+            break
+        for f in range(1, MAX_FRAC_DIGITS + 1):
+            if fits(D * 10 ** (j + f), 10**f, 10 ** (j + f)):
+                best = j + 1 + f if best is None else min(best, j + 1 + f)
+                break
+    return best
+
+
 def _int_close(text: str, lo: int | None, hi: int | None) -> int | None:
     """Fewest digits to append to the integer prefix `text` ('-', '-1', '0', '12') to land in
     [lo, hi]; None when no completion does.
@@ -446,7 +528,10 @@ class Grammar:
         if k == "string":
             return 2 + node.lo
         if k == "number":
-            return 1
+            if node.lo is None and node.hi is None:
+                return 1
+            firsts = [c for ch in "-0123456789" if (c := _dec_close(ch, node.lo, node.hi, *node.strict)) is not None]
+            return 1 + min(firsts) if firsts else INF
         if k == "integer":
             lo, hi = node.lo, node.hi
             if (lo is None or lo <= 0) and (hi is None or hi >= 0):
@@ -497,13 +582,13 @@ class Grammar:
             return [(("A", nid, OPEN, 0),)] if b == LBRACKET else []
         if k == "literal":
             return self._step_literal(nid, b"", b)
-        bounded = k == "integer" and (node.lo is not None or node.hi is not None)
+        bounded = k in ("integer", "number") and (node.lo is not None or node.hi is not None)
         if b == MINUS:
-            if bounded and _int_close("-", node.lo, node.hi) is None:
+            if bounded and _bounded_close(node, "-") is None:
                 return []
             return [(("N", nid, N_SIGN, "-" if bounded else 0),)]
         if b in DIGITS:
-            if bounded and _int_close(chr(b), node.lo, node.hi) is None:
+            if bounded and _bounded_close(node, chr(b)) is None:
                 return []
             return [(("N", nid, N_ZERO if b == 0x30 else N_INT, chr(b) if bounded else 1),)]
         return []
@@ -564,7 +649,8 @@ class Grammar:
                 if run > MAX_INT_DIGITS:
                     return []
             elif phase in (N_DOT, N_FRAC):
-                nxt, run = N_FRAC, (aux + 1 if phase == N_FRAC else 1)
+                frac = len(aux.partition(".")[2]) if isinstance(aux, str) else aux
+                nxt, run = N_FRAC, (frac + 1 if phase == N_FRAC else 1)
                 if run > MAX_FRAC_DIGITS:
                     return []
             elif phase in (N_EXP_MARK, N_EXP_SIGN, N_EXP):
@@ -572,14 +658,19 @@ class Grammar:
                 return [(("N", nid, N_EXP, run),)] if run <= MAX_EXP_DIGITS else []
             else:
                 return []
-            if isinstance(aux, str):  # a bounded integer
+            if isinstance(aux, str):  # bounded: the text so far must still reach the range
                 text = aux + chr(b)
-                return [(("N", nid, nxt, text),)] if _int_close(text, node.lo, node.hi) is not None else []
+                return [(("N", nid, nxt, text),)] if _bounded_close(node, text) is not None else []
             return [(("N", nid, nxt, run),)]
         if is_int:
             return []
         if b == 0x2E and phase in (N_ZERO, N_INT):
+            if isinstance(aux, str):
+                text = aux + "."
+                return [(("N", nid, N_DOT, text),)] if _bounded_close(node, text) is not None else []
             return [(("N", nid, N_DOT, 0),)]
+        if isinstance(aux, str):  # bounded numbers have no exponent
+            return []
         if b in (0x65, 0x45) and phase in (N_ZERO, N_INT, N_FRAC):
             return [(("N", nid, N_EXP_MARK, 0),)]
         if b in (0x2B, 0x2D) and phase == N_EXP_MARK:
@@ -674,7 +765,7 @@ class Grammar:
             if phase not in (N_ZERO, N_INT, N_FRAC, N_EXP):
                 return False
             node = self.nodes[nid]
-            return not isinstance(text, str) or _int_close(text, node.lo, node.hi) == 0
+            return not isinstance(text, str) or _bounded_close(node, text) == 0
         if f[0] == "L":
             return f[2] in self.nodes[f[1]].options
         return False
@@ -699,8 +790,8 @@ class Grammar:
             return 1 + ESCAPE_CLOSE[esc] + UTF8_PENDING[u] + max(node.lo - n, 0)
         if kind == "N":
             _, _, phase, text = f
-            if isinstance(text, str) and phase in (N_SIGN, N_ZERO, N_INT):
-                c = _int_close(text, node.lo, node.hi)
+            if isinstance(text, str):  # bounded
+                c = _bounded_close(node, text)
                 return INF if c is None else c
             return 1 if phase in (N_SIGN, N_DOT, N_EXP_MARK, N_EXP_SIGN) else 0
         if kind == "L":
