@@ -48,3 +48,21 @@ def hf_window_logprob(hf_model, windows) -> float:
             logp = torch.log_softmax(hf_model(x).logits[0, -len(continuation):].double(), dim=-1)
             total += logp.gather(1, torch.tensor(continuation)[:, None]).sum().item()
     return total
+
+
+def add_bos_post_processor(d, bos: str = "<|bos|>") -> None:
+    """Give d/tokenizer.json a Llama-3-style post-processor (a Sequence holding ByteLevel and a
+    TemplateProcessing) that puts `bos` before every encoding, as transformers applies it."""
+    import json
+
+    path = d / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    bos_id = next(t["id"] for t in data["added_tokens"] if t["content"] == bos)
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    data["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}, template]}
+    path.write_text(json.dumps(data), encoding="utf-8")

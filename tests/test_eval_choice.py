@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 hf_lm = pytest.importorskip("lm_eval.models.huggingface")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from eval_helpers import tiny_hf_llama  # noqa: E402
+from eval_helpers import add_bos_post_processor, tiny_hf_llama  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.eval.choice import ChoiceItem, evaluate_choice, read_choice_items  # noqa: E402
 from lmforge.eval.loglik import encode_pair, load_model, score  # noqa: E402
@@ -28,20 +28,42 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    """lm-eval's HFLM on the same directory: its (logprob, is_greedy) for each pair."""
+def hflm_loglikelihoods(model_dir):
+    """lm-eval's HFLM on the directory: its (logprob, is_greedy) for each pair."""
     lm = hf_lm.HFLM(pretrained=str(model_dir), device="cpu", batch_size=2, max_length=64, dtype="float32")
     return lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(PAIRS)], disable_tqdm=True)
 
 
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return hflm_loglikelihoods(model_dir)
+
+
 def test_loglikelihoods_equal_lm_eval_hflm(model_dir, reference):
     em = load_model(model_dir)
+    assert em.bos_prefix is None
     ours = score(em, [encode_pair(em, c, x) for c, x in PAIRS], batch_size=3)
     for (ours_lp, ours_greedy), (ref_lp, ref_greedy) in zip(ours, reference):
         assert ours_lp == pytest.approx(ref_lp, rel=1e-4, abs=1e-4)
         assert ours_greedy == ref_greedy
     assert len({round(lp, 3) for lp, _ in ours}) == len(PAIRS)  # distinct values: no pair scored as another
+
+
+def test_bos_adding_tokenizer_matches_hflm_too(model_dir, reference, tmp_path):
+    """A Llama-3-style tokenizer.json that puts BOS before every encoding: HFLM's contexts start
+    with BOS, and so must ours (the values then differ from the plain tokenizer's)."""
+    import shutil
+
+    d = tmp_path / "bos"
+    shutil.copytree(model_dir, d)
+    add_bos_post_processor(d)
+    em = load_model(d)
+    assert em.bos_prefix == em.tokenizer.bos_id and em.encode("Hi")[0] == em.tokenizer.bos_id
+    expected = hflm_loglikelihoods(d)
+    ours = score(em, [encode_pair(em, c, x) for c, x in PAIRS])
+    for (ours_lp, _), (ref_lp, _) in zip(ours, expected):
+        assert ours_lp == pytest.approx(ref_lp, rel=1e-4, abs=1e-4)
+    assert ours[0][0] != pytest.approx(reference[0][0], rel=1e-4)  # BOS changed the first pair's value
 
 
 def test_trailing_space_moves_to_the_continuation(model_dir):

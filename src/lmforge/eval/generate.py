@@ -99,7 +99,7 @@ def world_shots(items: list, k: int, seed: int = 0) -> list:
 def _prompt_ids(em: EvalModel, item) -> list[int]:
     if item.kind == "chat":
         return render_chat(em.tokenizer, item.prompt, add_generation_prompt=True)[0]
-    return em.tokenizer.encode(item.prompt)
+    return em.encode(item.prompt)
 
 
 def evaluate_generation(em: EvalModel, items: list, samples: int = 1, temperature: float = 0.7, seed: int = 0,

@@ -75,7 +75,7 @@ class LMForgeLM(LM):
         """Greedy (or sampled, with do_sample) continuations, cut at the first `until` string."""
         prompts, params = [], []
         for context, gen_kwargs in (r.args for r in requests):
-            prompts.append(context)
+            prompts.append(self.em.encode(context))
             params.append(self._sampling(dict(gen_kwargs)))
         out = []
         for start in tqdm(range(0, len(prompts), self.batch_size), desc="generate", disable=disable_tqdm, leave=False):

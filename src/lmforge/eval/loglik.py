@@ -42,6 +42,14 @@ class EvalModel:
     path: Path
     hf: bool
     prefix_id: int
+    bos_prefix: int | None = None  # HF tokenizers whose post-processor starts every encoding with this token
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as the checkpoint's own tokenizer gives them (transformers applies
+        tokenizer.json's post-processor; Llama 3's puts BOS first), so prompts and contexts match
+        what lm-eval's HFLM feeds the model."""
+        ids = self.tokenizer.encode(text)
+        return [self.bos_prefix, *ids] if self.bos_prefix is not None else ids
 
     @property
     def max_length(self) -> int:
@@ -65,29 +73,46 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
         tokenizer = Tokenizer.load(path / "tokenizer.json")
         model = load_hf_checkpoint(path, device=device, dtype=dtype)
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        bos_prefix = _post_processor_prefix(read_json(path / "tokenizer.json"), tokenizer)
     else:
         model, tokenizer = load_run(path, device=device, dtype=dtype)
         prefix = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+        bos_prefix = None
     if prefix is None:
         raise ValueError(f"{path}: the tokenizer has neither an eos nor a bos token to condition an empty context on")
-    return EvalModel(model.eval(), tokenizer, path, hf, prefix)
+    return EvalModel(model.eval(), tokenizer, path, hf, prefix, bos_prefix)
+
+
+def _post_processor_prefix(tokenizer_json: dict, tokenizer: Tokenizer) -> int | None:
+    """The special token a tokenizer.json TemplateProcessing post-processor (alone or inside a
+    Sequence) puts before every single-sequence encoding, or None.
+    {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}, {"Sequence": ...}]} -> id of <s>."""
+    proc = tokenizer_json.get("post_processor") or {}
+    procs = proc.get("processors", []) if proc.get("type") == "Sequence" else [proc]
+    for p in procs:
+        single = (p.get("single") or []) if p.get("type") == "TemplateProcessing" else []
+        if single and "SpecialToken" in single[0]:
+            name = single[0]["SpecialToken"]["id"]
+            if name not in tokenizer.special_tokens:
+                raise ValueError(f"tokenizer.json's post-processor adds {name!r}, which is not one of its special tokens")
+            return tokenizer.special_tokens[name]
+    return None
 
 
 def encode_pair(em: EvalModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval encodes them: the whole string is encoded and
     split after the context's tokens; trailing spaces of the context go to the continuation;
     an empty context becomes [prefix_id]. ("Q: 2+2? A: ", "4") scores " 4", not "4"."""
-    tok = em.tokenizer
     if not context:
-        cont = tok.encode(continuation)
+        cont = em.tokenizer.encode(continuation)  # lm-eval: add_special_tokens=False here
         if cont and cont[0] == em.prefix_id:
             return cont[:1], cont[1:]
         return [em.prefix_id], cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tok.encode(context + continuation)
-    n_ctx = len(tok.encode(context))
+    whole = em.encode(context + continuation)
+    n_ctx = len(em.encode(context))
     return whole[:n_ctx], whole[n_ctx:]
 
 
