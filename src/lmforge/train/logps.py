@@ -3,6 +3,8 @@ read and tokenised, and a seeded batch source of pairs.
 
     sequence_logps(model, input_ids, loss_mask) -> (summed (B,), per_token (B, T-1))
     read_preferences(path) -> [Preference]      {"prompt", "chosen", "rejected"} (+ "reason", "margin")
+                                                 or HH-RLHF {"chosen", "rejected"} transcripts; .jsonl or .jsonl.gz
+    hh_pair(record, where) -> (prompt, chosen, rejected) messages of one HH-RLHF line
     tokenize_preferences(render, prefs, max_len) -> [PairRow]
     PairBatches(rows, batch_size, seed, rank, world)  -> dicts of padded tensors, with state_dict()
     check_same_tokenizer(a, b, a_name, b_name)   ValueError naming both hashes
@@ -10,6 +12,8 @@ read and tokenised, and a seeded batch source of pairs.
 
 from __future__ import annotations
 
+import gzip
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lmforge.io import read_jsonl
+from lmforge.io import parse_jsonl_line, read_jsonl
 from lmforge.train.sampler import EpochOrder, rank_slice
 
 
@@ -70,16 +74,61 @@ def _messages(value, role: str, where: str) -> list[dict]:
     raise ValueError(f"{where}: expected a string or a non-empty list of {{'role', 'content'}} messages, got {value!r:.60}")
 
 
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_transcript(text, where: str) -> list[dict]:
+    """An HH-RLHF transcript "\n\nHuman: ...\n\nAssistant: ..." -> messages (Human -> user)."""
+    if not isinstance(text, str) or not text.startswith("\n\nHuman: "):
+        raise ValueError(f"{where}: expected an HH-RLHF transcript starting with '\\n\\nHuman: ', got {text!r:.60}")
+    parts = HH_TURN.split(text)[1:]  # [role, content, role, content, ...]
+    return [{"role": HH_ROLES[role], "content": content} for role, content in zip(parts[::2], parts[1::2])]
+
+
+def hh_pair(record: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """One HH-RLHF line {"chosen", "rejected"} (two full transcripts) -> (prompt, chosen, rejected):
+    the turns both share, then each one's last assistant turn. The two must differ only there."""
+    chosen = hh_transcript(record["chosen"], f"{where}: field 'chosen'")
+    rejected = hh_transcript(record["rejected"], f"{where}: field 'rejected'")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: field '{name}' does not end with an Assistant turn "
+                             f"(it ends with a Human turn: {turns[-1]['content']!r:.40})")
+    if chosen[:-1] != rejected[:-1]:
+        at = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)) - 1)
+        raise ValueError(f"{where}: 'chosen' and 'rejected' do not share the conversation before their last Assistant "
+                         f"turn (they differ at turn {at + 1}: {len(chosen)} vs {len(rejected)} turns)")
+    return chosen[:-1], chosen[-1:], rejected[-1:]
+
+
+def _records(path: str | Path):
+    """(line number, record) of a .jsonl or gzip-compressed .jsonl.gz file."""
+    if not str(path).endswith(".gz"):
+        yield from read_jsonl(path)
+        return
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, parse_jsonl_line(line, path, lineno)
+
+
 def read_preferences(path: str | Path) -> list[Preference]:
     """{"prompt", "chosen", "rejected"} lines (strings or message lists; chosen/rejected are the
-    assistant's replies), optional "reason" (str) and "margin" (number); errors name file:line."""
+    assistant's replies), optional "reason" (str) and "margin" (number); or HH-RLHF lines
+    {"chosen", "rejected"} holding two full transcripts (hh_pair). .jsonl or .jsonl.gz; errors
+    name file:line."""
     out = []
-    for lineno, record in read_jsonl(path):
+    for lineno, record in _records(path):
         where = f"{path}:{lineno}"
+        if "prompt" not in record and isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str) \
+                and record["chosen"].startswith("\n\nHuman: "):
+            out.append(Preference(*hh_pair(record, where), record.get("reason"), None, where))
+            continue
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
         if missing:
             raise ValueError(f"{where}: missing field {', '.join(repr(k) for k in missing)} "
-                             f"(a preference line needs 'prompt', 'chosen' and 'rejected'; found: {', '.join(record) or 'none'})")
+                             f"(a preference line needs 'prompt', 'chosen' and 'rejected', or HH-RLHF 'chosen' and 'rejected' transcripts; found: {', '.join(record) or 'none'})")
         margin = record.get("margin")
         if margin is not None and not isinstance(margin, (int, float)):
             raise ValueError(f"{where}: field 'margin' must be a number, got {margin!r}")
