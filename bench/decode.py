@@ -13,6 +13,10 @@ Measured over --repeats runs:
 - greedy agreement: the fraction of generated tokens equal between the two libraries
 
 Prints one JSON line.  python bench/decode.py [--threads 2] [--new-tokens 64] [--repeats 5]
+
+--preset NAME (qwen2.5-0.5b, llama-3.2-1b, or any ModelConfig preset; bench_preset.py): random
+weights of that real family shape, lmforge fp32 / int8 / int4 beside transformers' fp32 generate
+and its torch.ao dynamic int8, with the memory-bandwidth ceiling. One JSON line as well.
 """
 
 from __future__ import annotations
@@ -52,8 +56,18 @@ def main() -> None:
     ap.add_argument("--target-run", help="trained run directory for the speculative-decoding figures")
     ap.add_argument("--draft-run", help="smaller trained run directory with the same tokenizer (the draft)")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--preset", help="a real family shape with random weights (qwen2.5-0.5b, llama-3.2-1b): "
+                    "lmforge fp32/int8/int4 vs transformers fp32 and torch.ao int8 (bench_preset.py)")
+    ap.add_argument("--int4-new-tokens", type=int, default=8, help="--preset: new tokens for int4 (its decode is slow here)")
+    ap.add_argument("--layers", type=int, help="--preset: override n_layer (smoke runs)")
+    ap.add_argument("--skip", default="", help="--preset: comma-separated configs to leave out (e.g. hf_ao_int8,lm_int4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.preset:
+        from bench_preset import run_preset  # this directory is on sys.path when run as a script
+
+        print(json.dumps(run_preset(args)))
+        return
     torch.manual_seed(0)
 
     text = DATA.read_text(encoding="utf-8") if DATA.exists() else "hello world " * 20000

@@ -6,7 +6,9 @@ vs int4 (group 32/64/128), all in one run on the same held-out tokens.
 --val: a flat token file of held-out text (a `lmforge data prepare` val shard, uint16) or a
 .txt file (tokenized with the run's tokenizer). Perplexity = exp(mean next-token cross-entropy)
 over --windows non-overlapping windows of the model's context. Decode speed: greedy, batch 1,
-64 new tokens after a 32-token prompt, median of 3. Prints one JSON line.
+64 new tokens after a 32-token prompt, median of 3. Quantized models are measured with the
+kernels the engine chooses (lmforge.infer.qlinear; --kernels or $LMFORGE_QUANT_KERNEL), and
+greedy agreement is the fraction of those 64 tokens equal to fp32's. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
+from lmforge.infer.qlinear import choose_kernels
 from lmforge.infer.quantize import linear_weight_bytes, quantize_run
 from lmforge.infer.sampling import SamplingParams
 
@@ -63,12 +66,21 @@ def decode_tok_s(model, tok, prompt: list[int], n: int = 64) -> float:
     return (n - 1) / (statistics.median(tn) - statistics.median(t1))
 
 
+def greedy(model, tok, prompt: list[int], n: int = 64) -> list[int]:
+    return Engine(model, tok, prefix_cache_bytes=0).generate(prompt, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)).token_ids
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return round(sum(x == y for x, y in zip(a, b)) / max(len(b), 1), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--val", required=True)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kernels", default=None, help="auto | reference | fused | a kernel name (default: $LMFORGE_QUANT_KERNEL or auto)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -80,6 +92,7 @@ def main() -> None:
         tokens = torch.from_numpy(np.fromfile(val, dtype=np.uint16).astype(np.int64))
     prompt = tokens[:32].tolist()
     base_ppl = perplexity(model, tokens, args.windows)
+    fp32_tokens = greedy(model, tok, prompt)
     weights = Path(args.run) / "model.safetensors"
     result = {"bench": "quantize", "run": args.run, "params": sum(p.numel() for p in model.parameters()),
               "eval_tokens": min(args.windows, (len(tokens) - 1) // model.config.block_size) * model.config.block_size,
@@ -95,13 +108,15 @@ def main() -> None:
                 result[f"int{bits}_g{group}"] = {"error": str(e)}
                 continue
             qmodel, _ = load_run(out)
+            kernels = {r["shape"]: r["kernel"] for r in choose_kernels(qmodel, args.kernels)}
             ppl = perplexity(qmodel, tokens, args.windows)
             result[f"int{bits}" + (f"_g{group}" if group else "")] = {
                 "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base_ppl - 1), 2),
                 "disk_mb": round(report["disk_bytes_out"] / 2**20, 2),
                 "linear_mb": round(report["linear_bytes_quantized"] / 2**20, 2),
                 "linear_fraction_of_fp32": round(report["linear_fraction"], 3), "model_mb": model_mb(qmodel),
-                "decode_tok_s": round(decode_tok_s(qmodel, tok, prompt), 1)}
+                "decode_tok_s": round(decode_tok_s(qmodel, tok, prompt), 1), "kernels": kernels,
+                "greedy_agreement": agreement(greedy(qmodel, tok, prompt), fp32_tokens)}
     print(json.dumps(result))
 
 

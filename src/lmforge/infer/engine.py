@@ -24,6 +24,7 @@ from lmforge.infer.cpu_matmul import keep_transposed_weights, linear_bytes, weig
 from lmforge.infer.decode_step import DecodeStep
 from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
+from lmforge.infer.qlinear import choose_kernels
 from lmforge.infer.rows import Completion, Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens
 from lmforge.infer.speculative import speculative_stream
@@ -290,6 +291,9 @@ class Engine:
         lean = on_cpu and decode_step_supports(model) and linear_bytes(model) <= TRANSPOSED_MAX_BYTES
         self.decode_step = DecodeStep(model) if lean else None
         keep_transposed_weights(model, on=not lean, max_bytes=TRANSPOSED_MAX_BYTES)
+        # quantized layers: the fused kernel where it is faster for the layer's shape, timed once
+        # per process (qlinear.py; $LMFORGE_QUANT_KERNEL=reference|fused|auto overrides)
+        self.kernels = choose_kernels(model)
         if draft_model is not None:
             keep_transposed_weights(draft_model, max_bytes=TRANSPOSED_MAX_BYTES)
         self._cache: KVCache | None = None

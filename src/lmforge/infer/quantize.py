@@ -3,9 +3,11 @@
 int8 is symmetric, one scale per output row: q = round(W / scale) in [-127, 127]. int4 is
 asymmetric, a scale and a minimum per group of `group_size` inputs, round to nearest, two values
 per byte (input column 2j in the low nibble): W ~ q * scale_g + min_g with q in [0, 15].
-`QuantLinear.forward` unpacks the weight to the activation dtype and runs ordinary matmuls (one
-path for CPU and GPU): it saves memory and disk, not time. Embeddings, norms and a tied head stay
-unquantized. The formulas and the run-directory format: docs/quantization.md.
+`QuantLinear.reference_forward` unpacks the weight to the activation dtype and runs ordinary
+matmuls (one path for CPU and GPU): exact for the stored weights, it saves memory and disk, not
+time. A fused low-precision kernel (`lmforge.infer.qlinear`, chosen per layer shape by timing)
+can replace it through `set_kernel`. Embeddings, norms and a tied head stay unquantized. The
+formulas and the run-directory format: docs/quantization.md.
 
 Letters: O out_features, I in_features, G groups per row (I / group_size).
 """
@@ -89,7 +91,10 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight is stored as int8 or packed int4 and unpacked for each matmul."""
+    """A Linear whose weight is stored as int8 or packed int4: unpacked for each matmul (the
+    reference), or multiplied by a fused kernel installed with `set_kernel`."""
+
+    kernel = None  # a callable x -> y from lmforge.infer.qlinear; None: the reference path
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 64, bias: bool = False, device=None):
         super().__init__()
@@ -108,6 +113,28 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", torch.zeros(out_features, G, device=device))
             self.register_buffer("minimum", torch.zeros(out_features, G, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        self._register_state_dict_hook(_qweight_from_kernel)
+
+    def set_kernel(self, kernel) -> None:
+        """Multiply through `kernel` (None: the reference). A kernel that holds the only copy of
+        the weight (`replaces_qweight`, a prepacked int8 matrix) frees the `qweight` buffer, so
+        memory stays at the quantized size; `state_dict()` and `int_weight()` unpack it again."""
+        if self._buffers.get("qweight") is None and self.kernel is not None:
+            self._buffers["qweight"] = self.kernel.qweight()
+        self.kernel = kernel
+        if kernel is not None and getattr(kernel, "replaces_qweight", False):
+            self._buffers["qweight"] = None
+
+    def int_weight(self) -> torch.Tensor:
+        """The stored integer weight: int8 (O, I) or packed int4 (O, I/2) uint8."""
+        q = self._buffers.get("qweight")
+        return q if q is not None else self.kernel.qweight()
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the stored weight, scales and minima (what the model keeps in memory)."""
+        q = self.bits // 8 if self.bits == 8 else 0.5
+        n = int(self.in_features * self.out_features * q)
+        return n + sum(t.numel() * t.element_size() for t in (self.scale, self.minimum) if t is not None)
 
     @classmethod
     @torch.no_grad()
@@ -124,10 +151,18 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         if self.bits == 8:
-            return dequantize_int8(self.qweight, self.scale, dtype)
-        return dequantize_int4(self.qweight, self.scale, self.minimum, dtype)
+            return dequantize_int8(self.int_weight(), self.scale, dtype)
+        return dequantize_int4(self.int_weight(), self.scale, self.minimum, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpacking path: what every fused kernel is checked against."""
+        if self._buffers.get("qweight") is None:
+            raise RuntimeError("the reference path needs the unpacked weight: call set_kernel(None) first")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.bits == 8:  # x @ (q * s)^T = (x @ q^T) * s: scale the (.., O) output, not the (O, I) weight
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
@@ -143,6 +178,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+def _qweight_from_kernel(module: "QuantLinear", state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: a layer whose kernel holds the only copy of its weight still saves `qweight`."""
+    if module._buffers.get("qweight") is None and module.kernel is not None:
+        state_dict[prefix + "qweight"] = module.kernel.qweight()
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
@@ -179,7 +220,7 @@ def linear_weight_bytes(model: nn.Module) -> tuple[int, int]:
     now = fp32 = 0
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
-            now += sum(t.numel() * t.element_size() for t in (m.qweight, m.scale, m.minimum) if t is not None)
+            now += m.weight_nbytes()
             fp32 += 4 * m.in_features * m.out_features
         elif isinstance(m, nn.Linear) and not (getattr(model.config, "tie_embeddings", False) and name == "lm_head"):
             now += m.weight.numel() * m.weight.element_size()
