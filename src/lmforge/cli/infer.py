@@ -11,6 +11,7 @@ from lmforge.cli.alignment import cmd_chat_show
 from lmforge.data.chat import render_chat
 from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
+from lmforge.infer.cpu_matmul import MEMORY_HELP
 from lmforge.infer.quantize import quantize_run
 from lmforge.infer.sampling import SamplingParams
 
@@ -184,7 +185,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default="", help="prompt text (empty: start from BOS)")
     add_sampling_flags(p, max_new_tokens=200)
 
-    p = add_command(subparsers, "generate", "complete a prompt with a trained model", cmd_generate)
+    p = add_command(subparsers, "generate", "complete a prompt with a trained model", cmd_generate,
+                    description="Complete a prompt with a trained model. " + MEMORY_HELP)
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--file", help="read the prompt from this file")
     p.add_argument("--n", type=int, default=1, help="number of samples (they share one prefill)")

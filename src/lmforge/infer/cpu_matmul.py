@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from lmforge.model.transformer import Linear
 
 SMALL_M = 32  # at most this many rows take the few-row paths
+MEMORY_HELP = ("Memory: on CPU the engine keeps transposed copies of the Linear weights for models "
+               "up to 1 GiB of them (as much memory again, for faster batch-1 decoding); larger models "
+               "decode on their own weights (resident ~1.0-1.1x the weights). Quantized runs decode "
+               "through fused int8 kernels where faster (the prepacked weight replaces the stored one), "
+               "plus an int8 copy of a tied head (1 byte per head weight); "
+               "LMFORGE_QUANT_KERNEL=reference|fused|auto chooses (docs/quantization.md).")
 
 
 def one_row_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -90,4 +96,4 @@ def keep_transposed_weights(model: nn.Module, on: bool = True, max_bytes: int = 
     return on
 
 
-__all__ = ["SMALL_M", "DecodeMatmul", "one_row_matmul", "linear_bytes", "weights_stamp", "keep_transposed_weights"]
+__all__ = ["SMALL_M", "MEMORY_HELP", "DecodeMatmul", "one_row_matmul", "linear_bytes", "weights_stamp", "keep_transposed_weights"]
