@@ -161,14 +161,17 @@ def kernel_mode(mode: str | None = None) -> str:
 
 def _time_per_layer(fn, layers: list, x: torch.Tensor, repeats: int = 5) -> float:
     """Fastest of `repeats` passes over `layers` (the model's own layers, in turn), seconds per layer."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)  # GPU kernels run asynchronously
     with torch.inference_mode():
         for layer in layers[:1]:
             fn(layer, x)  # warm-up (first-call allocations)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             for layer in layers:
                 fn(layer, x)
+            sync()
             best = min(best, time.perf_counter() - t)
     return best / len(layers)
 
