@@ -14,7 +14,7 @@ from lmforge.pipeline.report import short
 
 DESCRIPTION = """\
 world -> tokenizer -> pretrain -> SFT -> DPO -> RAG index -> eval -> report.md, in about 15 minutes
-on 2 CPU cores. Budget (--minutes): pretrain 50%, SFT 20%, DPO 10%; world, tokenizer, shards, the
+on 2 CPU cores. Budget (--minutes): pretrain 48%, SFT 20%, DPO 10%; world, tokenizer, shards, the
 RAG index and the evaluations take the rest. A second run into the same --out keeps every finished
 stage and resumes an interrupted training stage from its last checkpoint."""
 

@@ -71,18 +71,18 @@ def _sizes(out: Path, final: str) -> list[str]:
             f"(`lmforge quantize --bits 8`): about {int8 / 2**20:.1f} MiB"]
 
 
-def commands(out: Path, c) -> list[str]:
+def commands(out: Path, c, shares: dict) -> list[str]:
     data, w = out / "data", out / "data" / "world"
-    m = lambda frac: f"{c.minutes * frac:g}m"  # noqa: E731
+    m = lambda stage: f"{c.minutes * shares[stage]:g}m"  # noqa: E731
     return [
         f"lmforge world generate --out {w} --size {c.size} --seed {c.seed}",
         f"lmforge tokenizer train --input {w}/pretrain --vocab-size {c.vocab_size} --pattern digits --out {data}/tokenizer",
         f"lmforge data prepare --input {w}/pretrain --tokenizer {data}/tokenizer --out {data}/shards",
         f"lmforge pretrain --preset {c.preset} --data {data}/shards --batch-size {c.batch_size} --seq-len {c.seq_len} "
-        f"--max-time {m(0.5)} --time-schedule --lr {c.lr} --optimizer {c.optimizer} --out {out}/base",
-        f"lmforge sft --run {out}/base --world-dir {w} --max-time {m(0.2)} --time-schedule --lr {c.sft_lr} "
+        f"--max-time {m('pretrain')} --time-schedule --lr {c.lr} --optimizer {c.optimizer} --out {out}/base",
+        f"lmforge sft --run {out}/base --world-dir {w} --max-time {m('sft')} --time-schedule --lr {c.sft_lr} "
         f"--out {out}/sft",
-        f"lmforge dpo --run {out}/sft --world-dir {w} --max-time {m(0.1)} --time-schedule --lr {c.dpo_lr} --beta {c.dpo_beta} "
+        f"lmforge dpo --run {out}/sft --world-dir {w} --max-time {m('dpo')} --time-schedule --lr {c.dpo_lr} --beta {c.dpo_beta} "
         f"--rpo-alpha {c.dpo_rpo_alpha} "
         f"--out {out}/dpo",
         f"lmforge rag index --docs {w}/rag/documents.jsonl --db {out}/rag.sqlite",
@@ -111,7 +111,7 @@ def short(results: dict) -> str:
     return "\n".join(chat_table(results) + [""] + before_after_table(results))
 
 
-def write_report(out: Path, c, results: dict) -> Path:
+def write_report(out: Path, c, results: dict, shares: dict) -> Path:
     out = Path(out)
     ev = results.get("eval", {})
     timing = " · ".join(f"{s} {r['seconds']:.0f} s" for s, r in results.items() if isinstance(r, dict) and "seconds" in r)
@@ -136,7 +136,7 @@ def write_report(out: Path, c, results: dict) -> Path:
         lines.append(f"- pretraining: {pre['step']:,} steps, {pre['tokens']:,} tokens, {pre['tokens'] / pre['elapsed']:,.0f} tokens/s")
     if ev.get("decode_tokens_per_s"):
         lines.append(f"- greedy decoding, one sequence: {ev['decode_tokens_per_s']:,.0f} tokens/s")
-    lines += ["", "## Each stage by hand", "", "```bash", *commands(out, c), "```", "", "## Transcripts of the final model", "",
+    lines += ["", "## Each stage by hand", "", "```bash", *commands(out, c, shares), "```", "", "## Transcripts of the final model", "",
               *transcripts(results), "", "## Next", "", "```bash", f"lmforge chat --run {out}/{ev.get('final', 'base')}",
               f"lmforge serve --run {out}/{ev.get('final', 'base')}" + (f" --rag-db {out}/rag.sqlite" if (out / "rag.sqlite").is_file() else ""),
               "```", ""]
