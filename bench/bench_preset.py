@@ -9,14 +9,16 @@ same prompts for every configuration, run one after another:
   lm_int4      lmforge int4, group 64 (fewer new tokens: --int4-new-tokens)
 For each: decode tokens/s at batch 1 and 8 (a 32-token prompt, --new-tokens; from the times of
 the streamed tokens 2..N), time to first token of a 512-token prompt (batch 1), resident memory
-(RSS growth while the configuration is built and decodes + the tensors it shares with the fp32
-model, against its weights' bytes), bytes read per token at batch 1 and the memory-bandwidth
+(RSS growth since the configuration was built, measured right after its decodes with freed heap
+pages trimmed, + the tensors it shares with the fp32 model, against its weights' bytes; and the
+peak, which includes the 512-token prefill's activations and the one-off kernel timing), bytes read per token at batch 1 and the memory-bandwidth
 ceiling: read bandwidth (the best of 5 sums over 512 MiB, STREAM-like) / bytes per token, with the
 fraction of it each configuration reaches; greedy agreement with lm_fp32 at batch 1.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import threading
 import time
@@ -34,7 +36,9 @@ from lmforge.model import ModelConfig, Transformer
 PAGE = 4096
 
 
-def rss_bytes() -> int:
+def rss_bytes(trim: bool = False) -> int:
+    if trim:  # hand freed heap pages back first (glibc keeps blocks under its mmap threshold)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
 
@@ -182,6 +186,7 @@ def measure(gen, prompts: dict, n: int, repeats: int) -> dict:
                 dt = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
             best = min(best, dt)
         out[f"b{B}_tok_s"] = round(B / best, 2)
+        out["_rss_decode"] = max(out.get("_rss_decode", 0), rss_bytes(trim=True))
         if B == 1:
             out["tokens_b1"] = tokens[0]
     ttft = float("inf")
@@ -258,10 +263,13 @@ def run_preset(args) -> dict:
     tok = IdTokenizer(V)
     configs = result["configs"]
 
-    def record(name, fig, weights, bytes_tok, resident):
+    def record(name, fig, weights, bytes_tok, resident, start):
+        """resident: peak RSS growth + shared tensors; decoding: the same from RSS after the decodes."""
+        decoding = fig.pop("_rss_decode") - start + (resident - (fig.pop("_peak") - start))
+        fig["resident_decoding_mb"] = round(decoding / 2**20, 1)
+        fig["resident_decoding_over_weights"] = round(decoding / weights, 3)
         fig["weights_mb"] = round(weights / 2**20, 1)
-        fig["resident_mb"] = round(resident / 2**20, 1)
-        fig["resident_over_weights"] = round(resident / weights, 3)
+        fig["resident_peak_mb"] = round(resident / 2**20, 1)
         fig["bytes_per_token_mb"] = round(bytes_tok / 2**20, 1)
         ceiling = bw["read_gb_s"] * 1e9 / bytes_tok
         fig["ceiling_tok_s"] = round(ceiling, 2)
@@ -274,7 +282,8 @@ def run_preset(args) -> dict:
         with PeakRSS() as peak:
             engine = Engine(model, tok, prefix_cache_bytes=0)
             fig = measure(lm_generator(engine), prompts, args.new_tokens, args.repeats)
-        record("lm_fp32", fig, weights_bytes(model), lm_bytes_per_token(model), peak.peak - base_rss)
+        fig["_peak"] = peak.peak
+        record("lm_fp32", fig, weights_bytes(model), lm_bytes_per_token(model), peak.peak - base_rss, base_rss)
         del engine
     for name in ("hf_fp32", "hf_ao_int8"):
         if name in skip or ("hf_fp32" in skip and name == "hf_ao_int8"):
@@ -284,7 +293,8 @@ def run_preset(args) -> dict:
             with PeakRSS() as peak:
                 hf = hf_sharing(model)
                 fig = measure(hf_generator(hf), prompts, args.new_tokens, args.repeats)
-            record(name, fig, weights_bytes(model), lm_bytes_per_token(model), peak.peak - start + weights_bytes(model))
+            fig["_peak"] = peak.peak
+            record(name, fig, weights_bytes(model), lm_bytes_per_token(model), peak.peak - start + weights_bytes(model), start)
         else:
             start = rss_bytes()
             try:
@@ -293,7 +303,8 @@ def run_preset(args) -> dict:
                     torch.ao.quantization.quantize_dynamic(hf, {nn.Linear}, dtype=torch.qint8, inplace=True)
                     fig = measure(hf_generator(hf), prompts, args.new_tokens, args.repeats)
                 bytes_tok = ao_bytes_per_token(hf)
-                record(name, fig, bytes_tok, bytes_tok, peak.peak - start + shared_bytes(hf, model))
+                fig["_peak"] = peak.peak
+                record(name, fig, bytes_tok, bytes_tok, peak.peak - start + shared_bytes(hf, model), start)
             except Exception as e:  # noqa: BLE001 - reported, the other configurations still run
                 configs[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     hf = None
@@ -310,7 +321,8 @@ def run_preset(args) -> dict:
         fig["linear_fraction_of_fp32"] = round(linear_weight_bytes(qmodel)[0] / linear_weight_bytes(qmodel)[1], 3)
         fig["kernel_extra_mb"] = round(kernel_bytes(qmodel) / 2**20, 1)
         w = weights_bytes(qmodel)
-        record(name, fig, w, lm_bytes_per_token(qmodel), peak.peak - start + shared_bytes(qmodel, model))
+        fig["_peak"] = peak.peak
+        record(name, fig, w, lm_bytes_per_token(qmodel), peak.peak - start + shared_bytes(qmodel, model), start)
         del engine, qmodel
         gc.collect()
     ref = configs.get("lm_fp32", {}).get("tokens_b1")

@@ -36,6 +36,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
+from lmforge.infer.cpu_matmul import DecodeMatmul
 from lmforge.infer.quantize import QuantLinear, quantize_int8, unpack_int4
 
 KERNEL_ENV = "LMFORGE_QUANT_KERNEL"
@@ -301,9 +302,12 @@ def install_head_kernel(model: nn.Module, mode: str, rows: int = 1) -> dict | No
     fallback = getattr(head, "decode_matmul", None)
     if isinstance(fallback, HeadKernel):
         fallback = fallback.fallback
+    if isinstance(fallback, DecodeMatmul) and fallback.transposed:
+        # the int8 copy is the head's decode path: no transposed fp32 copy (as much memory as the head) beside it
+        fallback = DecodeMatmul(transposed=False)
     shape = f"tied head {head.in_features}->{head.out_features}"
     if mode == "reference" or not _quantized_engine_ready():
-        head.decode_matmul = fallback
+        head.decode_matmul = getattr(head, "decode_matmul", None) if not isinstance(head.decode_matmul, HeadKernel) else fallback
         return {"shape": shape, "layers": 1, "kernel": "reference", "us": {}}
     kernel = HeadKernel(head, fallback)
     us: dict = {}
