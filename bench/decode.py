@@ -50,9 +50,9 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, help="default 64 (--preset: 32)")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, help="default 5 (--preset: 2, the fastest counts)")
     ap.add_argument("--target-run", help="trained run directory for the speculative-decoding figures")
     ap.add_argument("--draft-run", help="smaller trained run directory with the same tokenizer (the draft)")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
@@ -63,6 +63,10 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="--preset: comma-separated configs to leave out (e.g. hf_ao_int8,lm_int4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.preset else 64
+    if args.repeats is None:
+        args.repeats = 2 if args.preset else 5
     if args.preset:
         from bench_preset import run_preset  # this directory is on sys.path when run as a script
 
