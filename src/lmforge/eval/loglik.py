@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge.infer import load_run
+from lmforge.infer import load_model_dir
 from lmforge.io import read_json
-from lmforge.model.hf import load_hf_checkpoint
 from lmforge.tokenizer import Tokenizer
 
 
@@ -64,18 +63,11 @@ def load_model(path: str | Path, device="cpu", dtype: torch.dtype | None = None)
     """An lmforge run directory (config.json + model.safetensors + tokenizer.json) or a local HF
     checkpoint directory (config.json with `model_type`, *.safetensors, tokenizer.json)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(2, "config.json missing (not a run or HF checkpoint directory)", str(path / "config.json"))
-    hf = "model_type" in read_json(path / "config.json")
+    model, tokenizer, hf = load_model_dir(path, device=device, dtype=dtype)
     if hf:
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(2, "tokenizer.json missing in HF checkpoint directory", str(path / "tokenizer.json"))
-        tokenizer = Tokenizer.load(path / "tokenizer.json")
-        model = load_hf_checkpoint(path, device=device, dtype=dtype)
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         bos_prefix = _post_processor_prefix(read_json(path / "tokenizer.json"), tokenizer)
     else:
-        model, tokenizer = load_run(path, device=device, dtype=dtype)
         prefix = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
         bos_prefix = None
     if prefix is None:

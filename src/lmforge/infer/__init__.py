@@ -38,6 +38,22 @@ def load_run(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None
     return model, tokenizer
 
 
+def load_model_dir(path: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer, hf) from an lmforge run directory (load_run) or a local Hugging Face
+    checkpoint directory (config.json with `model_type`, *.safetensors, tokenizer.json); hf says which."""
+    from lmforge.io import read_json
+    from lmforge.model.hf import load_hf_checkpoint
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(2, "config.json missing (not a run or HF checkpoint directory)", str(path / "config.json"))
+    if "model_type" not in read_json(path / "config.json"):
+        return (*load_run(path, device=device, dtype=dtype), False)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(2, "tokenizer.json missing in HF checkpoint directory", str(path / "tokenizer.json"))
+    return load_hf_checkpoint(path, device=device, dtype=dtype), Tokenizer.load(path / "tokenizer.json"), True
+
+
 def check_tokenizer(model_vocab: int, tokenizer, source) -> None:
     """A model's vocabulary equals its tokenizer's, or is that rounded up to a multiple of 64/128
     (padding for fast matmuls)."""

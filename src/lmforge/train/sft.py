@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 
 from lmforge.data.chat_template import chat_renderer, write_tokenizer_config
-from lmforge.infer import load_run
+from lmforge.infer import load_model_dir
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.data.world import generate
 from lmforge.io import atomic_write_json, read_json, read_jsonl
-from lmforge.model.hf import load_hf_checkpoint
 from lmforge.model.lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, merge_lora, save_adapter
 from lmforge.model.pretrained import save_pretrained
 from lmforge.tokenizer import Tokenizer
@@ -214,16 +213,7 @@ def load_base(path: str | Path, device="cpu") -> Base:
     """An lmforge run directory or a local HF checkpoint directory (config.json with model_type,
     safetensors, tokenizer.json, tokenizer_config.json with a chat_template)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(2, "config.json missing (not a run or HF checkpoint directory)", str(path / "config.json"))
-    hf = "model_type" in read_json(path / "config.json")
-    if hf:
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(2, "tokenizer.json missing in HF checkpoint directory", str(path / "tokenizer.json"))
-        tokenizer = Tokenizer.load(path / "tokenizer.json")
-        model = load_hf_checkpoint(path, device=device)
-    else:
-        model, tokenizer = load_run(path, device=device)
+    model, tokenizer, hf = load_model_dir(path, device=device)
     render = chat_renderer(path, tokenizer)
     if hf:
         tok_config = read_json(path / "tokenizer_config.json")
