@@ -100,36 +100,41 @@ def closed_book_vs_rag(engine, items: dict, db, chat: bool = True, k: int = 3) -
                          for q, t, g in list(zip(questions, closed, grounded))[:3]]}
 
 
+def _tool_runs(engine, items, db=None, max_new_tokens: int = 64) -> list:
+    """The tool loop (greedy) on each item's messages, with the calculator and, when `db` (a RAG
+    index of the world's documents) is given, the search tool."""
+    registry = ToolRegistry([calculator_tool()] + ([search_tool(db)] if db is not None else []))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    return [run_with_tools(engine, list(it.prompt), registry, params) for it in items]
+
+
+def _final_reply(run) -> str:
+    last = run.messages[-1]
+    return (last.get("content") or "") if last["role"] == "assistant" else ""
+
+
 def tools_vs_none(engine, items, max_new_tokens: int = 64) -> dict:
     """The `tool_use` items that expect a calculator call (multiplications of 3-4 by 2-3 digits):
     the reply holds the exact product without tools (the question alone) and with the calculator
-    in the tool loop (`run_with_tools`); `called` is the share of tool runs that called it."""
+    in the tool loop (`run_with_tools`); `called` is the share of tool runs that called it (with
+    whatever expression)."""
     items = [it for it in items if (it.meta.get("expected_call") or {}).get("name") == "calculator"]
     products = [str(calculate(it.meta["expected_call"]["arguments"]["expression"])) for it in items]
-    plain = _chat_replies(engine, [[m for m in it.prompt] for it in items], max_new_tokens)
-    registry = ToolRegistry([calculator_tool()])
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    runs = [run_with_tools(engine, list(it.prompt), registry, params) for it in items]
-    finals = [r.messages[-1].get("content") or "" if r.messages[-1]["role"] == "assistant" else "" for r in runs]
+    plain = _chat_replies(engine, [it.prompt for it in items], max_new_tokens)
+    runs = _tool_runs(engine, items, None, max_new_tokens)
     n = max(len(items), 1)
     return {"n": len(items),
             "no_tools": sum(contains_answer(c.text, p) for c, p in zip(plain, products)) / n,
-            "tools": sum(contains_answer(f, p) for f, p in zip(finals, products)) / n,
+            "tools": sum(contains_answer(_final_reply(r), p) for r, p in zip(runs, products)) / n,
             "called": sum(any(c["name"] == "calculator" for c in r.tool_calls) for r in runs) / n,
             "examples": [{"messages": r.messages[len(it.prompt):], "product": p}
                          for r, it, p in list(zip(runs, items, products))[:2]]}
 
 
 def tool_replies(engine, items, db=None, max_new_tokens: int = 64) -> list[str]:
-    """The final assistant reply of the tool loop for each `tool_use` item, with the calculator and,
-    when `db` (a RAG index of the world's documents) is given, the search tool (greedy)."""
-    registry = ToolRegistry([calculator_tool()] + ([search_tool(db)] if db is not None else []))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    replies = []
-    for it in items:
-        last = run_with_tools(engine, list(it.prompt), registry, params).messages[-1]
-        replies.append((last.get("content") or "") if last["role"] == "assistant" else "")
-    return replies
+    """The final assistant reply of the tool loop for each `tool_use` item (the calculator, and the
+    search tool over `db` when given)."""
+    return [_final_reply(r) for r in _tool_runs(engine, items, db, max_new_tokens)]
 
 
 def _example_lines(item) -> list[str]:
