@@ -92,3 +92,21 @@ def test_load_tasks_reads_back_what_generate_wrote(tmp_path):
         load_tasks(tmp_path, ["fewshot"])
     with pytest.raises(FileNotFoundError):
         load_tasks(tmp_path / "missing")
+
+
+def test_tool_index_holds_the_worlds_documents(tmp_path):
+    """The search tool's index for tool_use items: World(seed)'s articles, or a world dir's file,
+    found by their titles; removed when the block ends."""
+    from lmforge.eval.tasks import tool_index
+    from lmforge.prompting import rag
+
+    docs = World(0).rag_documents()
+    with tool_index(None, seed=0) as db:
+        assert db.is_file()
+        for d in docs[:3]:
+            assert rag.search(db, d["title"], k=1)[0].title == d["title"]
+    assert not db.exists()
+    (tmp_path / "rag").mkdir()
+    (tmp_path / "rag" / "documents.jsonl").write_text('{"id": "d1", "title": "Zorbel", "text": "Zorbel is a blue town."}\n')
+    with tool_index(tmp_path) as db:
+        assert [h.title for h in rag.search(db, "Zorbel", k=5)] == ["Zorbel"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from lmforge.cli import UserError, add_command
@@ -25,7 +26,7 @@ from lmforge.eval.gsm8k import build_prompts, read_gsm8k
 from lmforge.eval.loglik import load_model
 from lmforge.eval.perplexity import perplexity
 from lmforge.eval.results import EVAL_FILE, append_results, markdown_table
-from lmforge.eval.tasks import SKIPPED_TASKS, TaskResult, evaluate_tasks, load_tasks, score_table
+from lmforge.eval.tasks import TaskResult, evaluate_tasks, load_tasks, score_table, tool_index
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.pipeline import SAMPLE_PROMPTS
@@ -113,15 +114,17 @@ def _eval_world(em, args, progress: bool) -> tuple[dict, list]:
     if args.cot:
         raise UserError("--cot applies to --data files; the world's chain-of-thought set is arithmetic_cot")
     if not args.shots and args.samples == 1:
-        results = evaluate_tasks(em.model, em.tokenizer, sets, max_items=args.max_items, batch_size=args.batch_size,
-                                 progress=progress)
+        with tool_index(args.world, args.seed) if "tool_use" in sets else nullcontext() as db:
+            results = evaluate_tasks(em.model, em.tokenizer, sets, max_items=args.max_items, batch_size=args.batch_size,
+                                     progress=progress, tool_db=db)
         samples = Engine(em.model, em.tokenizer).generate(list(SAMPLE_PROMPTS), SamplingParams(max_new_tokens=48, temperature=0.0))
         return ({k: r.to_dict() for k, r in results.items()},
                 [{"prompt": p, "completion": c.text} for p, c in zip(SAMPLE_PROMPTS, samples)])
     out = {}
     for name, items in sets.items():
-        if name in SKIPPED_TASKS:
-            out[name] = {"task": name, "n": 0, "skipped": SKIPPED_TASKS[name]}
+        if name == "tool_use":
+            out[name] = {"task": name, "n": 0, "skipped": "--shots/--samples do not apply: tool_use is scored greedily "
+                                                           "through the tool-call loop"}
             continue
         items = world_shots(items[:args.max_items], args.shots, seed=args.seed)
         out[name] = evaluate_generation(em, items, samples=args.samples, temperature=args.temperature, seed=args.seed,

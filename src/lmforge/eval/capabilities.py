@@ -154,7 +154,7 @@ def few_shot_prompt(items, i: int, k: int) -> str:
     own = item.prompt.split("\n")[:-1]
     pool = [line for j, other in enumerate(items) if j != i and other.meta.get("fewshot_task") == kind
             for line in _example_lines(other) if not line.startswith(query.rstrip('"').rstrip())]  # never the query itself
-    shots = (pool + own)[len(pool) + len(own) - k:] if k else []
+    shots = (pool + own)[-k:] if k else []
     if len(shots) < k:
         raise ValueError(f"item {i} of {item.task}: {k} examples asked for, {len(shots)} available")
     return "\n".join(shots + [query])

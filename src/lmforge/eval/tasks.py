@@ -6,7 +6,7 @@ World(seed).tasks()); evaluate_run(run_dir, world_dir) does the same from a run 
 JSON-ready dicts. Completion items are plain text prompts that stop at the item's stop strings;
 chat items (system-prompt compliance) go through `lmforge.data.chat.render_chat` and stop at
 `<|end|>`; tool-use items run the tool-call loop (eval.capabilities.tool_replies: the calculator,
-and the search tool over an index of the world's documents). Prompts are batched through
+and the search tool over `tool_index`, a temporary index of the world's documents). Prompts are batched through
 `lmforge.infer.engine.Engine`.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -25,7 +27,21 @@ from lmforge.infer import load_run
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 
-SKIPPED_TASKS: dict[str, str] = {}  # task -> why it is not scored (none today)
+
+
+@contextmanager
+def tool_index(world_dir=None, seed: int = 0) -> Iterator[Path]:
+    """A temporary RAG index of the world's documents (world_dir/rag/documents.jsonl, or World(seed)'s)
+    for the search tool of `tool_use` items; 29 articles, under a second to build."""
+    from lmforge.prompting import rag  # layer 3, like eval
+
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = Path(world_dir) / "rag" / "documents.jsonl" if world_dir is not None else None
+        if docs is None or not docs.is_file():
+            docs = Path(tmp) / "documents.jsonl"
+            docs.write_text("".join(json.dumps(d) + "\n" for d in World(seed).rag_documents()), encoding="utf-8")
+        rag.index(Path(tmp) / "docs.sqlite", [docs])
+        yield Path(tmp) / "docs.sqlite"
 
 
 @dataclass
@@ -90,11 +106,11 @@ def evaluate_tasks(model, tokenizer, tasks: dict[str, list[EvalItem]], max_items
     end_id = tokenizer.special_tokens.get("<|end|>")
     results: dict[str, TaskResult] = {}
     todo = {name: items[:max_items] for name, items in tasks.items()}
-    total = sum(len(v) for k, v in todo.items() if k not in SKIPPED_TASKS)
+    total = sum(len(v) for v in todo.values())
     with tqdm(total=total, desc="eval", unit="item", disable=not progress, leave=False) as bar:
         for name, items in todo.items():
-            if name in SKIPPED_TASKS or not items:
-                results[name] = TaskResult(name, 0, 0.0, 0.0, skipped=SKIPPED_TASKS.get(name, "no items"))
+            if not items:
+                results[name] = TaskResult(name, 0, 0.0, 0.0, skipped="no items")
                 continue
             if name == "tool_use":
                 if "<|tool_call|>" not in tokenizer.special_tokens:
@@ -135,16 +151,8 @@ def evaluate_run(run_dir, world_dir=None, seed: int = 0, tasks: list[str] | None
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}; choose from: {', '.join(all_sets)}")
         task_sets = {k: v for k, v in all_sets.items() if not tasks or k in tasks}
-    docs = Path(world_dir) / "rag" / "documents.jsonl" if world_dir is not None else None
-    if "tool_use" in task_sets and docs is not None and docs.is_file():
-        from lmforge.prompting import rag  # the search tool's index, built in a temporary file (29 articles: <1 s)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            rag.index(Path(tmp) / "docs.sqlite", [docs])
-            results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress,
-                                     tool_db=Path(tmp) / "docs.sqlite")
-    else:
-        results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress)
+    with tool_index(world_dir, seed) if "tool_use" in task_sets else nullcontext() as db:
+        results = evaluate_tasks(model, tokenizer, task_sets, max_items=max_items, progress=progress, tool_db=db)
     out = {"eval": {k: r.to_dict() for k, r in results.items()}, "samples": []}
     if sample_prompts:
         params = SamplingParams(max_new_tokens=48, temperature=0.0)

@@ -173,10 +173,10 @@ def _run_eval(d: _Demo) -> dict:
         if name == "base":
             scores = evaluate_tasks(engine.model, engine.tokenizer, {k: items[k] for k in BASE_TASKS if k in items})
             result["base_tasks"] = {k: r.to_dict() for k, r in scores.items()}
-            result["few_shot"] = {task: {k: cap.few_shot(engine, items[task], k) for k in (0, 4)}
+            # str keys: the same whether fresh or read back from stages/eval.json
+            result["few_shot"] = {task: {str(k): cap.few_shot(engine, items[task], k) for k in (0, 4)}
                                   for task in ("translation_4shot", "fewshot")}
-    final = models[-1]
-    engine = _engine(d.out / final)
+    final = models[-1]  # its engine is the loop's last one
     result["final"] = final
     chat = final != "base"
     if (d.out / "rag.sqlite").is_file():

@@ -45,7 +45,7 @@ def before_after_table(results: dict) -> list[str]:
         rows += [(f"multiplication, 3-4 by 2-3 digits ({t['n']}): exact product", t["no_tools"], t["tools"]),
                  ("... the calculator was called", None, t["called"])]
     for task, by_k in ev.get("few_shot", {}).items():
-        rows.append((f"`{task}` exact match, k = 0 -> 4 shots", by_k["0"] if "0" in by_k else by_k[0], by_k["4"] if "4" in by_k else by_k[4]))
+        rows.append((f"`{task}` exact match, k = 0 -> 4 shots", by_k["0"], by_k["4"]))
     if not rows:
         return []
     final = ev.get("final", "")
