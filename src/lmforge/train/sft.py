@@ -270,6 +270,31 @@ def default_data(world_dir: Path, seed: int = 0) -> list[Path]:
     return files + ([grounded] if grounded.is_file() else [])
 
 
+def _data_files(config: SFTConfig, out: Path, seed: int, rank: int) -> list[Path]:
+    """config.data, else the world's chat files (generated once by rank 0, then read by every rank)."""
+    if config.data:
+        return [Path(p) for p in config.data]
+    world_dir = Path(config.world_dir) if config.world_dir else out / "world"
+    if rank == 0:
+        default_data(world_dir, seed)
+    barrier()
+    return default_data(world_dir, seed)
+
+
+def _split_conversations(files: list[Path], eval_examples: int, seed: int) -> tuple[list, list[str], list]:
+    """(training conversations, their "file: conversation N" sources, held-out conversations):
+    a seeded shuffle, at most eval_examples and a tenth of all held out."""
+    conversations, sources = [], []
+    for f in files:
+        convs = read_conversations(f)
+        conversations += convs
+        sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
+    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(eval_examples, len(conversations) // 10)
+    return ([conversations[i] for i in order[n_eval:]], [sources[i] for i in order[n_eval:]],
+            [conversations[i] for i in order[:n_eval]])
+
+
 def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None, train_config: TrainConfig | None = None,
         resume: bool = False, progress: bool = True, log=print) -> dict:
     """Fine-tune the model in `base_path` on conversations; write the run directory `out`.
@@ -287,25 +312,8 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     if seq_len > base.model.config.block_size:
         raise ValueError(f"seq_len={seq_len} exceeds the model's block_size={base.model.config.block_size}")
 
-    if config.data:
-        files = [Path(p) for p in config.data]
-    else:
-        world_dir = Path(config.world_dir) if config.world_dir else out / "world"
-        if rank == 0:  # generated once, then every rank reads it
-            default_data(world_dir, train_config.seed)
-        barrier()
-        files = default_data(world_dir, train_config.seed)
-    conversations, sources = [], []
-    for f in files:
-        convs = read_conversations(f)
-        conversations += convs
-        sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
-    g = torch.Generator().manual_seed(train_config.seed)
-    order = torch.randperm(len(conversations), generator=g).tolist()
-    n_eval = min(config.eval_examples, len(conversations) // 10)
-    heldout = [conversations[i] for i in order[:n_eval]]
-    train_convs = [conversations[i] for i in order[n_eval:]]
-    train_sources = [sources[i] for i in order[n_eval:]]
+    files = _data_files(config, out, train_config.seed, rank)
+    train_convs, train_sources, heldout = _split_conversations(files, config.eval_examples, train_config.seed)
     examples = tokenize(base.render, train_convs, train_sources)
     eval_examples = tokenize(base.render, heldout)
     pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
