@@ -266,3 +266,42 @@ def test_rag_documents_hold_only_unseen_entities(small_world):
     unseen = {e.name for e in w.encyclopedia.unseen}
     docs = records(small_world / "rag/documents.jsonl")
     assert {d["title"] for d in docs} == unseen
+
+
+def test_reading_answers_are_in_the_text_before_them_and_made_up(small_world):
+    """Every `reading` answer can be copied from its own document, about an entity that is not one
+    of the world's (so memory cannot answer it), and a calculator record's answer repeats its result."""
+    w = World(3)
+    world_names = {n for e in w.encyclopedia.all for n in e.names}
+    questions_seen = 0
+    for text in texts(small_world / "pretrain/reading.jsonl"):
+        lines = text.split("\n")
+        if lines[0].startswith("Compute "):
+            for i in range(0, len(lines), 3):
+                result = lines[i + 1].removeprefix("calculator: ")
+                a, b = map(int, re.findall(r"\d+", lines[i]))
+                assert result == str(a * b) and lines[i + 2] == f"Answer: {a} * {b} = {result}."
+            continue
+        context = "\n".join(line for line in lines if not line.startswith("Q: "))
+        for line in lines:
+            if line.startswith("Q: "):
+                question, answer = line.removeprefix("Q: ").split(" A: ")
+                assert answer in context, (answer, text)
+                questions_seen += 1
+    assert questions_seen > 50
+    for rel in ("pretrain/reading.jsonl", "chat/grounded.jsonl", "chat/tools.jsonl"):
+        body = (small_world / rel).read_text(encoding="utf-8")
+        leaked = {n for e in w.encyclopedia.unseen for n in e.names if re.search(rf"\b{re.escape(n)}\b", body)}
+        assert not leaked, (rel, leaked)
+
+
+def test_grounded_replies_cite_the_source_that_states_the_answer(small_world):
+    for rec in records(small_world / "chat/grounded.jsonl"):
+        user, reply = rec["messages"][0]["content"], rec["messages"][1]["content"]
+        titles = dict(re.findall(r"^\[(\d+)\] ([^:]+): ", user, flags=re.M))
+        cited = re.findall(r"\[(\d+)\]\.$", reply)
+        if not cited:
+            assert reply == "The sources do not say."
+            continue
+        assert titles[cited[0]].lower() in reply.lower(), (reply, user)  # the cited source is the entity's own
+        assert sum(t.lower() in reply.lower() for t in titles.values()) == 1

@@ -40,8 +40,9 @@ BASE_TASKS = ("addition_2digit", "translation_4shot", "arithmetic", "fewshot")
 class DemoConfig:
     """The demo's dials; `lmforge demo` has one flag per field (lmforge.cli.config_flags)."""
 
-    minutes: float = field(default=15.0, metadata={"help": "the whole demo's time budget in minutes: pretrain 48%%, sft 20%%, "
-                                                            "dpo 10%%; data, RAG index and evaluation take the rest"})
+    minutes: float = field(default=15.0, metadata={"help": "the whole demo's time budget in minutes: "
+                                                            + ", ".join(f"{s} {share:.0%}" for s, share in SHARES.items())
+                                                            + "; data, RAG index and evaluation take the rest"})
     stages: tuple[str, ...] = field(default=STAGES, metadata={"help": f"stages to run, of: {', '.join(STAGES)} "
                                                                        "(a stage needs those before it to have run once)"})
     size: str = field(default="10MB", metadata={"help": "bytes of world text to generate"})

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from .arithmetic import Arithmetic, compute
-from .entities import Encyclopedia, Entity, article
+from .entities import Encyclopedia, Entity, Inventor, article, questions
 from .lexicon import ADJECTIVES, LEXICON, NOUNS, french_article
 
 SYSTEM_PROMPTS = {
@@ -146,6 +146,7 @@ class Chat:
         self.known_facts = [q for q in enc.train_questions if q[0].known]
         self.unseen_facts = [q for q in enc.train_questions if not q[0].known]
         self.words = sorted(LEXICON)
+        self.inventor = Inventor(enc)
 
     def question(self, rng: random.Random) -> Question:
         """A training question: a non-held-out fact about a known entity, arithmetic, or a word."""
@@ -184,7 +185,8 @@ class Chat:
             result = str(compute(a, op, b))
             final = f"{a} {op} {b} = {result}."
         else:
-            e, attr, question, answer = rng.choice(self.unseen_facts)
+            e = self.inventor.entity(rng)  # a made-up entity: the answer is in the result, not in memory
+            attr, question, answer = rng.choice(questions(e))
             user, call = question, ("search", {"query": e.name.removeprefix("the ")})
             result = article(e, rng)
             final = fact_question(e, attr, question, answer).english
@@ -195,13 +197,15 @@ class Chat:
         """{"messages": [...]}: numbered sources, then a question; the reply states the fact and cites it.
 
         The user turn is exactly what lmforge.prompting.rag.grounded_prompt builds ("[n] title: text"
-        lines, then "Q: ... A:"), so a model tuned on these answers `rag ask` prompts. Facts are of
-        known entities only (the unseen ones stay unseen); one source is the entity's own article,
-        one or two are articles of other known entities, in random order. In one dialogue of ten no
-        source is about the entity and the reply says so (GROUNDED_NONE).
+        lines, then "Q: ... A:"), so a model tuned on these answers `rag ask` prompts. The entities
+        are made up for each dialogue (`Inventor`: the unseen ones stay unseen, and no memory of a
+        known one can stand in for reading); one source is the entity's own article, one or two are
+        articles of other made-up entities, in random order. In one dialogue of ten no source is
+        about the entity and the reply says so (GROUNDED_NONE).
         """
-        e, attr, question, answer = rng.choice(self.known_facts)
-        others = [q[0] for q in rng.sample(self.known_facts, 6) if q[0] is not e][:rng.randint(1, 2)]
+        e = self.inventor.entity(rng)
+        attr, question, answer = rng.choice(questions(e))
+        others = [self.inventor.entity(rng) for _ in range(rng.randint(1, 2))]
         absent = rng.random() < 0.1
         sources = others + ([] if absent else [e])
         rng.shuffle(sources)

@@ -10,6 +10,9 @@ Formats (the evaluation prompts use exactly these):
     translation  English: "cat" -> French: "chat"
     parallel     English: The cat is black.\\nFrench: Le chat est noir.
     fewshot      cat -> CAT      (one task per block: uppercase, plural, antonym, next number, ...)
+    reading      <article of a made-up entity>\nQ: Who founded Brailvik? A: Sorel Dainley
+                 (or numbered sources "[1] title: text" before the questions, or a calculator
+                 record "calculator: 91296" that the answer line repeats)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .entities import Encyclopedia, article, his
+from .entities import Encyclopedia, Inventor, article, his, questions
 from .lexicon import ADJECTIVES, ANIMALS, ANTONYMS, COLOURS, FOODS, LEXICON, NOUNS, OBJECTS, PLACES, french_noun_phrase, plural
 
 HELDOUT_ADJACENCY_FRACTION = 0.10
@@ -62,6 +65,7 @@ class Documents:
         self.known_rivers = [r for r in enc.rivers if r.known]
         self.qa_pool = [q for q in enc.train_questions if q[0].known]
         self._code_tables: dict[str, dict[str, int]] = {}
+        self.inventor = Inventor(enc)
         self._translation_lines = {w: translation_line(w) for w in self.words}
 
     def is_heldout_adjacency(self, task: str, previous: str, query: str) -> bool:
@@ -133,6 +137,29 @@ class Documents:
         task = rng.choice(sorted(FEWSHOT_TASKS))
         inputs, fn = FEWSHOT_TASKS[task]
         return "\n".join(f"{x} -> {fn(x)}" for x in self.fewshot_sequence(rng, task, inputs, rng.randint(5, 12)))
+
+    # ---- reading: answers found only in the text before them ----
+    def reading(self, rng: random.Random, arithmetic) -> str:
+        """Questions answered from the document itself: the facts belong to entities made up for
+        this document (`Inventor`), so no memory helps and the answer has to be copied from the
+        article. Half are one article then 1-3 questions (the `open_book` format), three in ten
+        numbered sources then a question about one of them (`rag ask`'s prompt), two in ten
+        calculator records whose result the answer repeats (the tool-use turn)."""
+        r = rng.random()
+        if r < 0.5:
+            e = self.inventor.entity(rng)
+            facts = rng.sample(questions(e), rng.randint(1, 3))
+            return "\n".join([article(e, rng)] + [f"Q: {q} A: {a}" for _, q, a in facts])
+        if r < 0.8:
+            sources = [self.inventor.entity(rng) for _ in range(rng.randint(2, 3))]
+            _, q, a = rng.choice(questions(rng.choice(sources)))
+            lines = [f"[{i + 1}] {e.name}: {article(e, rng)}" for i, e in enumerate(sources)]
+            return "\n".join(lines + [f"Q: {q} A: {a}"])
+        lines = []
+        for _ in range(rng.randint(2, 4)):
+            a, b = arithmetic.operands(rng, "*", rng.choice([3, 4]), rng.choice([2, 3]))
+            lines += [f"Compute {a} * {b}.", f"calculator: {a * b}", f"Answer: {a} * {b} = {a * b}."]
+        return "\n".join(lines)
 
     # ---- stories ----
     def story(self, rng: random.Random) -> str:

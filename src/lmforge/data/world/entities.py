@@ -51,6 +51,22 @@ class Entity:
         return [self.attrs["word"]]
 
 
+def syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+# how each kind of name is drawn (the encyclopedia's entities and `Inventor`'s fresh ones alike)
+NAME_MAKERS = {
+    "sea": lambda rng: (syllable(rng) + rng.choice(_NAME_ENDS)).capitalize(),
+    "river": lambda rng: (syllable(rng) + rng.choice(_RIVER_SUFFIXES)).capitalize(),
+    "town": lambda rng: (syllable(rng) + rng.choice(_TOWN_SUFFIXES)).capitalize(),
+    "first": lambda rng: (syllable(rng) + rng.choice(_NAME_ENDS)).capitalize(),
+    "last": lambda rng: (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_NAME_ENDS)
+                         + rng.choice(["son", "ard", "el", "ley", "win"])).capitalize(),
+    "animal": lambda rng: rng.choice(_ANIMAL_HEADS) + rng.choice(_ANIMAL_TAILS),
+}
+
+
 class Encyclopedia:
     """All entities of one world, built deterministically from `seed`."""
 
@@ -70,33 +86,30 @@ class Encyclopedia:
                 taken_words.add(low)
                 return word
 
-        def syllable() -> str:
-            return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-
         def split(items: list, n_unseen: int) -> None:
             for i, e in enumerate(items):
                 e.known = i >= n_unseen  # the first ones are unseen (order is random already)
 
-        self.seas = [Entity("sea", "", True, {"word": fresh(lambda: (syllable() + rng.choice(_NAME_ENDS)).capitalize())})
+        self.seas = [Entity("sea", "", True, {"word": fresh(lambda: NAME_MAKERS["sea"](rng))})
                      for _ in range(N_SEAS)]
         for s in self.seas:
             s.name = f"the {s.attrs['word']} Sea"
         self.rivers = []
         for _ in range(N_RIVERS):
-            word = fresh(lambda: (syllable() + rng.choice(_RIVER_SUFFIXES)).capitalize())
+            word = fresh(lambda: NAME_MAKERS["river"](rng))
             self.rivers.append(Entity("river", f"the {word} river", True, {"word": word}))
         self.towns = [Entity("town", "", True, {}) for _ in range(N_TOWNS)]
         for t in self.towns:
-            t.name = t.attrs["word"] = fresh(lambda: (syllable() + rng.choice(_TOWN_SUFFIXES)).capitalize())
+            t.name = t.attrs["word"] = fresh(lambda: NAME_MAKERS["town"](rng))
         self.people = []
         for _ in range(N_PEOPLE):
-            first = fresh(lambda: (syllable() + rng.choice(_NAME_ENDS)).capitalize())
-            last = fresh(lambda: (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_NAME_ENDS) + rng.choice(["son", "ard", "el", "ley", "win"])).capitalize())
+            first = fresh(lambda: NAME_MAKERS["first"](rng))
+            last = fresh(lambda: NAME_MAKERS["last"](rng))
             self.people.append(Entity("person", f"{first} {last}", True, {"first": first, "last": last,
                                                                           "pronoun": rng.choice(["he", "she"])}))
         self.animals = []
         for _ in range(N_ANIMALS):
-            word = fresh(lambda: rng.choice(_ANIMAL_HEADS) + rng.choice(_ANIMAL_TAILS))
+            word = fresh(lambda: NAME_MAKERS["animal"](rng))
             self.animals.append(Entity("animal", f"the {word}", True, {"word": word}))
 
         for items in (self.rivers, self.towns, self.people, self.animals):
@@ -138,6 +151,62 @@ class Encyclopedia:
     def is_heldout_question(self, entity: Entity, attr: str) -> bool:
         h = zlib.crc32(f"{entity.name}|{attr}".encode(), self.salt)
         return (h % 1000) < HELDOUT_QUESTION_FRACTION * 1000
+
+
+class Inventor:
+    """Entities made up on the spot, for reading-comprehension text: their facts are drawn afresh
+    each time, so a model can only answer a question about one by reading its article.
+
+    A fresh name never equals, contains or is contained in a name of the world (known or
+    unseen), so an unseen entity's name never reaches pretraining text this way. Fresh entities
+    point at fresh ones or at known ones, never at unseen ones.
+    """
+
+    KINDS = ("town", "river", "person", "animal")
+
+    def __init__(self, enc: Encyclopedia):
+        self.enc = enc
+        self.taken = {n.lower() for e in enc.all for n in e.names} | {s.attrs["word"].lower() for s in enc.seas}
+        self.words = {w.lower() for w in LEXICON} | {w.lower() for w in OTHER.values()}
+        self.known = {kind: [e for e in enc.known if e.kind == kind] for kind in self.KINDS}
+
+    def name(self, rng: random.Random, kind: str) -> str:
+        while True:
+            word = NAME_MAKERS[kind](rng)
+            low = word.lower()
+            if len(low) >= 4 and low not in self.words and not any(low in t or t in low for t in self.taken):
+                return word
+
+    def _ref(self, rng: random.Random, kind: str) -> str:
+        """The word (a person's full name) of another entity: a known one or a fresh one, even odds."""
+        if rng.random() < 0.5:
+            e = rng.choice(self.known[kind])
+            return e.name if kind == "person" else e.attrs["word"]
+        if kind == "person":
+            return f"{self.name(rng, 'first')} {self.name(rng, 'last')}"
+        return self.name(rng, kind)
+
+    def entity(self, rng: random.Random, kind: str | None = None) -> Entity:
+        """A fresh entity of `kind` (any of KINDS when None) with every attribute `questions` asks."""
+        kind = kind or rng.choice(self.KINDS)
+        if kind == "town":
+            word = self.name(rng, "town")
+            return Entity("town", word, False, {
+                "word": word, "river": self._ref(rng, "river"), "founder": self._ref(rng, "person"),
+                "year": rng.randrange(1320, 1950), "population": rng.randrange(200, 90000), "colour": rng.choice(COLOURS)})
+        if kind == "river":
+            word = self.name(rng, "river")
+            return Entity("river", f"the {word} river", False, {
+                "word": word, "length": rng.randrange(20, 900), "sea": rng.choice(self.enc.seas).name, "colour": rng.choice(COLOURS)})
+        if kind == "person":
+            first, last = self.name(rng, "first"), self.name(rng, "last")
+            return Entity("person", f"{first} {last}", False, {
+                "first": first, "last": last, "pronoun": rng.choice(["he", "she"]), "born": rng.randrange(1300, 1900),
+                "occupation": rng.choice(OCCUPATIONS), "animal": self._ref(rng, "animal"), "home": self._ref(rng, "town")})
+        word = self.name(rng, "animal")
+        return Entity("animal", f"the {word}", False, {
+            "word": word, "colour": rng.choice(COLOURS), "legs": rng.choice([2, 4, 6, 8]), "food": rng.choice(FOODS),
+            "river": self._ref(rng, "river")})
 
 
 def questions(e: Entity) -> list[tuple[str, str, str]]:

@@ -24,13 +24,16 @@ from .entities import Encyclopedia, article
 from .lexicon import LEXICON, OBJECTS
 from .tasks import EvalItem, build_tasks
 
-PRETRAIN_KINDS = ["arithmetic", "translation", "stories", "encyclopedia", "qa", "arithmetic_cot", "word_problems", "fewshot"]
+PRETRAIN_KINDS = ["arithmetic", "translation", "stories", "encyclopedia", "qa", "arithmetic_cot", "word_problems", "fewshot",
+                  "reading"]
 
 # The default mix leans on short, consistently formatted arithmetic and translation text: a small
 # model trained for minutes sees only a few million tokens, and these are the skills measured.
+# `reading` teaches answering from the text in front of the model (retrieval, tool results).
 DEFAULT_MIX = {
-    "arithmetic": 0.45,
-    "translation": 0.33,
+    "arithmetic": 0.40,
+    "translation": 0.28,
+    "reading": 0.10,
     "stories": 0.07,
     "encyclopedia": 0.05,
     "qa": 0.03,
@@ -66,6 +69,7 @@ class World:
             "encyclopedia": lambda: d.encyclopedia(rng),
             "qa": lambda: d.qa(rng),
             "fewshot": lambda: d.fewshot(rng),
+            "reading": lambda: d.reading(rng, a),
         }[kind]
         while True:
             yield make()
