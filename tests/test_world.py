@@ -245,6 +245,23 @@ def test_preference_pairs_have_reasons_and_differ(small_world):
     assert reasons == {"wrong", "ignores_instruction", "invented_fact", "impolite"}
 
 
+def test_preference_pairs_teach_the_refusal_both_ways(small_world):
+    """Under "Do not talk about X" (a kind the system_prompt set tests): answering an X question is
+    the rejected reply, and so is refusing a question on another topic."""
+    refused, answered = 0, 0
+    for rec in records(small_world / "preferences/pairs.jsonl"):
+        system = rec["prompt"][0]["content"] if rec["prompt"][0]["role"] == "system" else ""
+        m = re.fullmatch(r"(?:Do not talk about|You must refuse any question about) (\w+)\.", system)
+        if not m:
+            continue
+        refusal = f"I'm sorry, but I cannot talk about {m.group(1)}."
+        chosen, rejected = rec["chosen"][0]["content"], rec["rejected"][0]["content"]
+        assert refusal in (chosen, rejected), rec
+        refused += chosen == refusal
+        answered += rejected == refusal
+    assert refused > 0 and answered > 0
+
+
 def test_eval_items_score_their_own_answer_and_reject_others(small_world):
     names = {p.stem for p in (small_world / "eval").iterdir()}
     assert names == set(World(3).tasks(5))

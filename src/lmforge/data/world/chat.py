@@ -231,17 +231,22 @@ class Chat:
         else:
             q = self.question(rng)
             if reason == "ignores_instruction":
-                kind = rng.choice(["one_word", "french", "capitals"])
+                # every kind the system_prompt eval set tests; "refuse" twice: its refusal and the
+                # invented_fact pairs' "I'm sorry, I don't know ..." share their opening, and without
+                # pairs of its own DPO blends the two. Capitals leave "72 + 13 = 85." as it is.
+                kind = rng.choice([k for k in ("one_word", "french", "capitals", "refuse", "refuse")
+                                   if not (k == "capitals" and q.topic == "arithmetic")])
             else:
                 kind = rng.choice(["none", "helpful"])
-            system, _ = system_message(rng, kind)
+            system, refused = system_message(rng, kind, TOPICS[q.topic])
             prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q.text}]
-            chosen = reply(q, kind)
+            chosen = reply(q, kind, refused)
             if reason == "wrong":
                 wrong = self._wrong_answer(rng, q.topic, None, q.answer)
                 rejected = chosen.replace(q.answer, wrong) if q.answer in chosen else wrong
             elif reason == "ignores_instruction":
-                rejected = q.english
+                # under "Do not talk about X": answering when X is asked, refusing when it is not
+                rejected = refusal(refused) if kind == "refuse" and chosen == q.english else q.english
             else:
                 rejected = rng.choice(["That is a silly question. ", "Ugh, fine. ", "Work it out yourself. Anyway, "]) + chosen
         return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
