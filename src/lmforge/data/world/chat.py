@@ -27,7 +27,8 @@ SYSTEM_PROMPTS = {
     "refuse": ["Do not talk about {topic}.", "You must refuse any question about {topic}."],
 }
 SYSTEM_KINDS = list(SYSTEM_PROMPTS)
-GROUNDED_NONE = "The sources do not say."  # a grounded reply when no source is about the question
+GROUNDED_NONE = "The sources do not say."
+DONT_KNOW = "I'm sorry, I don't know."  # a decline that is wrong under "Do not talk about X" when X is asked  # a grounded reply when no source is about the question
 TOPICS = {"town": "towns", "river": "rivers", "person": "people", "animal": "animals", "arithmetic": "numbers",
           "translation": "languages"}
 
@@ -245,8 +246,12 @@ class Chat:
                 wrong = self._wrong_answer(rng, q.topic, None, q.answer)
                 rejected = chosen.replace(q.answer, wrong) if q.answer in chosen else wrong
             elif reason == "ignores_instruction":
-                # under "Do not talk about X": answering when X is asked, refusing when it is not
+                # under "Do not talk about X": answering when X is asked, refusing when it is not;
+                # or, half the time, the invented_fact pairs' "I don't know" opening instead of the
+                # refusal (what DPO drifted to without these pairs: "I'm sorry, I don't s.")
                 rejected = refusal(refused) if kind == "refuse" and chosen == q.english else q.english
+                if kind == "refuse" and chosen != q.english and rng.random() < 0.5:
+                    rejected = DONT_KNOW
             else:
                 rejected = rng.choice(["That is a silly question. ", "Ugh, fine. ", "Work it out yourself. Anyway, "]) + chosen
         return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
