@@ -298,14 +298,39 @@ def test_tool_call_round_trip(tool_client):
     assert final.choices[0].finish_reason == "stop" and not final.choices[0].message.tool_calls
 
 
-def test_tool_call_streamed_as_deltas(tool_client):
+def test_tool_call_streamed_as_argument_fragments(tool_client):
+    """OpenAI's shape: the first delta of index 0 has id, type and name with empty arguments, the
+    next ones only pieces of the arguments, as the model generates them."""
     chunks = list(tool_client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "2+3?"}],
                                                       tools=TOOLS, max_tokens=60, temperature=0, stream=True))
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [d.index for d in deltas] == [0]
-    assert deltas[0].function.name == "calculator" and json.loads(deltas[0].function.arguments) == {"expression": "2 + 3"}
+    assert {d.index for d in deltas} == {0} and len(deltas) >= 4
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.name == "calculator"
+    assert first.function.arguments == ""
+    assert all(d.id is None and d.function.name is None and d.function.arguments for d in rest)
+    assert json.loads("".join(d.function.arguments for d in rest)) == {"expression": "2 + 3"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me compute. "  # the markers never leak
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_official_stream_helper_rebuilds_the_streamed_call(tool_client):
+    """The `openai` client's own stream accumulation (chat.completions.stream) sees argument
+    deltas and rebuilds the whole call; the round trip then continues from it."""
+    messages = [{"role": "user", "content": "what is two plus three?"}]
+    with tool_client.chat.completions.stream(model="scripted", messages=messages, tools=TOOLS, max_tokens=60, temperature=0) as stream:
+        pieces = [e.arguments_delta for e in stream if e.type == "tool_calls.function.arguments.delta"]
+        final = stream.get_final_completion()
+    assert len(pieces) >= 3 and all(pieces)
+    choice = final.choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "calculator" and call.id.startswith("call_")
+    assert call.function.arguments == "".join(pieces) and json.loads(call.function.arguments) == {"expression": "2 + 3"}
+    messages += [{"role": "assistant", "content": choice.message.content, "tool_calls": [
+                     {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+    answer = tool_client.chat.completions.create(model="scripted", messages=messages, tools=TOOLS, max_tokens=60, temperature=0)
+    assert answer.choices[0].message.content == "The answer is 5"
 
 
 def test_tool_choice_none_bans_the_call_token(client, tok):
@@ -491,26 +516,54 @@ def test_cli_serve_flags(monkeypatch, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_tool_call_parser_across_deltas_and_markers():
+def _call_text(pieces) -> dict:
+    """index -> the call its pieces build: {"id", "name", "arguments"} (arguments concatenated)."""
+    calls = {}
+    for kind, v in pieces:
+        if kind in ("call_start", "tool_call"):
+            calls[v["index"]] = {"id": v["id"], "name": v["name"], "arguments": v.get("arguments", "")}
+        elif kind == "call_args":
+            calls[v[0]]["arguments"] += v[1]
+    return calls
+
+
+def test_tool_call_parser_streams_arguments_across_deltas_and_markers():
     from lmforge.serve.tool_calls import ToolCallParser
 
     p = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
-    call = '{"name": "calc", "arguments": {"x": 1}}'
-    pieces = [x for d in ["Let me ", "see. <|tool", "_call|>", call[:10], call[10:], "<|/tool_", "call|>", " done"] for x in p.feed(d)]
-    pieces += p.finish()
-    assert [k for k, _ in pieces] == ["content", "content", "tool_call", "content"]
+    call = '{"name": "calc", "arguments": {"x": "a}\\"{", "y": [1, {"z": 2}]}}'
+    deltas = ["Let me ", "see. <|tool", "_call|>", call[:10], call[10:33], call[33:40], call[40:], "<|/tool_", "call|>", " done"]
+    steps = [p.feed(d) for d in deltas] + [p.finish()]
+    pieces = [x for step in steps for x in step]
+    kinds = [k for k, _ in pieces]
+    assert kinds[:3] == ["content", "content", "call_start"] and kinds[-1] == "content"
+    assert kinds.count("call_args") >= 3  # the arguments arrive in pieces, as their deltas come
+    assert [k for k, _ in steps[4]] == ["call_start", "call_args"]  # streaming starts once the name is read
     assert "".join(v for k, v in pieces if k == "content") == "Let me see.  done"
-    (c,) = [v for k, v in pieces if k == "tool_call"]
-    assert (c["index"], c["name"], json.loads(c["arguments"])) == (0, "calc", {"x": 1})
+    assert _call_text(pieces)[0]["name"] == "calc"
+    assert json.loads(_call_text(pieces)[0]["arguments"]) == {"x": 'a}"{', "y": [1, {"z": 2}]}  # braces in strings
+    assert _call_text(pieces)[0]["arguments"] == call[len('{"name": "calc", "arguments": '):-1]  # as written
+    split = ToolCallParser("<|tool_call|>", "<|/tool_call|>")  # a marker start inside the arguments is held, then freed
+    got = split.feed('<|tool_call|>{"name": "c", "arguments": {"s": "<|/') + split.feed('x"}}<|/tool_call|>')
+    assert json.loads(_call_text(got)[0]["arguments"]) == {"s": "<|/x"}
+    two = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
+    both = two.feed('<|tool_call|>{"name": "a", "arguments": {}}<|/tool_call|><|tool_call|>{"name": "b", "arguments": {"k": 1}}'
+                    '<|/tool_call|>')
+    assert [(c["name"], c["arguments"]) for c in _call_text(both).values()] == [("a", "{}"), ("b", '{"k": 1}')]
+    other = ToolCallParser("<|tool_call|>", "<|/tool_call|>")  # keys in another order: read whole at the close
+    assert other.feed('<|tool_call|>{"arguments": {"x": 1}, "name": "calc"}') == []
+    (whole,) = other.feed("<|/tool_call|>")
+    assert whole[0] == "tool_call" and (whole[1]["name"], json.loads(whole[1]["arguments"])) == ("calc", {"x": 1})
     bad = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
     assert bad.feed("<|tool_call|>{oops}<|/tool_call|>") == [("content", "<|tool_call|>{oops}<|/tool_call|>")]
     cut = ToolCallParser("<|tool_call|>", "<|/tool_call|>", prefix="<|tool_call|>")
-    assert cut.feed(call) == [] and cut.finish()[0][0] == "tool_call"  # complete JSON, close marker never came
+    got = cut.feed(call) + cut.finish()  # complete JSON, close marker never came: still the call
+    assert json.loads(_call_text(got)[0]["arguments"]) == {"x": 'a}"{', "y": [1, {"z": 2}]}
     unfinished = ToolCallParser("<|tool_call|>", "<|/tool_call|>")
     assert unfinished.feed('<|tool_call|>{"name": "ca') == [] and unfinished.finish() == [("content", '<|tool_call|>{"name": "ca')]
     qwen = ToolCallParser("<tool_call>", "</tool_call>")  # HF instruct models: the same JSON between other markers
     out = qwen.feed('<tool_call>\n{"name": "search", "arguments": {"query": "rivers"}}\n</tool_call>')
-    assert out[0][0] == "tool_call" and out[0][1]["name"] == "search"
+    assert out[0][0] == "call_start" and _call_text(out)[0] == {"id": out[0][1]["id"], "name": "search", "arguments": '{"query": "rivers"}'}
 
 
 def test_fast_chunks_equal_the_general_ones():

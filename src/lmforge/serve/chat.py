@@ -3,7 +3,9 @@ in OpenAI's shapes, whole or as server-sent events.
 
 A stream is `data: {chunk}\\n\\n` lines ending in `data: [DONE]`; each sample (choice `index`)
 opens with `{"role": "assistant", "content": ""}`, then content deltas and `tool_calls` deltas
-(one per closed call, with its `index`), then a chunk with its finish_reason; with
+per `index`: a streamed call's first delta carries its id, type, function.name and empty
+arguments, the next ones pieces of function.arguments as the model writes them; a call read whole
+comes in one delta), then a chunk with its finish_reason; with
 `stream_options.include_usage` a last chunk carries the usage and no choices. A client that goes
 away (stream dropped, or a plain request's connection closed) cancels its request: its rows leave
 the batch at the next engine step.
@@ -94,7 +96,8 @@ class Sample:
         self.finish: str | None = None
 
     def feed(self, event) -> list[tuple[str, object]]:
-        """The event's pieces: ("content", text) and ("tool_call", call); collects them too."""
+        """The event's pieces (ToolCallParser's: content, call_start, call_args, tool_call);
+        collects them into content and calls too."""
         self.tokens += 1
         text = event.text
         if self.parser is None:
@@ -106,7 +109,14 @@ class Sample:
             if event.finish_reason is not None:
                 pieces += self.parser.finish()
         for kind, value in pieces:
-            (self.content if kind == "content" else self.calls).append(value)
+            if kind == "content":
+                self.content.append(value)
+            elif kind == "tool_call":
+                self.calls.append(value)
+            elif kind == "call_start":
+                self.calls.append({**value, "arguments": ""})
+            else:  # call_args: a piece of the last call's arguments
+                self.calls[-1]["arguments"] += value[1]
         if event.finish_reason is not None:
             self.finish = "tool_calls" if self.calls else FINISH.get(event.finish_reason, event.finish_reason)
         return pieces
@@ -183,8 +193,7 @@ async def _chat_stream(worker, job, tok, body, samples, head, cites, include_usa
                 for kind, value in pieces or [("content", "")]:
                     if kind == "content" and not value and lp is None:
                         continue
-                    delta = {"content": value} if kind == "content" else {"tool_calls": [openai_tool_call(value, with_index=True)]}
-                    out.append(chunk(event.index, delta, logprobs=lp))
+                    out.append(chunk(event.index, _delta(kind, value), logprobs=lp))
                     lp = None  # a token's logprobs go with its first piece
                 if s.finish is not None:
                     out.append(chunk(event.index, {}, s.finish))
@@ -201,6 +210,19 @@ async def _chat_stream(worker, job, tok, body, samples, head, cites, include_usa
         if not done:  # the client went away mid-stream (the generator was closed or cancelled)
             worker.cancel(job)
     yield sse("[DONE]")
+
+
+def _delta(kind: str, value) -> dict:
+    """The stream delta of one parser piece (OpenAI's tool-call deltas per index)."""
+    if kind == "content":
+        return {"content": value}
+    if kind == "tool_call":
+        return {"tool_calls": [openai_tool_call(value, with_index=True)]}
+    if kind == "call_start":
+        return {"tool_calls": [{"index": value["index"], "id": value["id"], "type": "function",
+                                "function": {"name": value["name"], "arguments": ""}}]}
+    index, piece = value
+    return {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
 
 
 # ---- /v1/completions ----
