@@ -127,7 +127,7 @@ def test_memory_bound_above_the_transposed_copy_limit(monkeypatch):
     ids = list(range(1, 33))
     p = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     engine = Engine(model, _Ids(cfg.vocab_size), prefix_cache_bytes=0)
-    assert engine.decode_step is None
+    assert engine.decode_step is not None and not engine.decode_step.transposed  # the lean step, no copies
     engine.generate(ids, p)
     engine.generate([ids, ids[:5]], p)  # the batched path too
     assert all(m.decode_matmul.weight_t is None for m in model.modules() if hasattr(m, "decode_matmul") and m.decode_matmul)

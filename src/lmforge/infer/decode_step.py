@@ -3,12 +3,16 @@ input (`step`) or a (B, 1) input whose rows sit at their own positions (`step_ro
 half of the operations.
 
 Why: on CPU a small model's decode step is weight streaming plus a few hundred tiny tensor
-operations. One row reads transposed, fused q/k/v and gate/up copies with the RMSNorm weights
-folded in, split across threads (`one_row_matmul`); several rows keep the activations
-transposed, X^T (C, B), so every Linear is `torch.mm(W, X^T)` on the model's own weights.
-The copies are rebuilt when a weight changes; replacing a module needs a new `DecodeStep`.
-Models it does not cover (`supports`) go through `Transformer.forward`. Design and figures:
-docs/inference.md (*The CPU decode step*) and docs/BENCHMARKS.md.
+operations. With `transposed` (fp32 models small enough for copies), one row reads transposed,
+fused q/k/v and gate/up copies with the RMSNorm weights folded in, split across threads
+(`one_row_matmul`); otherwise (larger models, where copies would double the memory, and
+quantized ones) and for several rows the activations stay transposed, X^T (C, B), so every
+plain Linear is `torch.mm(W, X^T)` on the model's own weights (`torch.addmm` with Qwen's q/k/v
+biases) and any other layer (a `QuantLinear`'s fused kernel, a head with an int8 copy) is
+called as a module. The copies are rebuilt when a weight or bias changes; replacing a module
+needs a new `DecodeStep`. Models it does not cover (`supports`) go through
+`Transformer.forward`. Design and figures: docs/inference.md (*The CPU decode step*) and
+docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import KVCache
-from lmforge.infer.cpu_matmul import one_row_matmul
+from lmforge.infer.cpu_matmul import DecodeMatmul, one_row_matmul
+from lmforge.infer.quantize import QuantLinear
 from lmforge.model.transformer import Linear, apply_rope
 
 
@@ -27,42 +32,67 @@ def _block_modules(block) -> tuple:
     return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
 
 
+def _linears(model) -> list:
+    return [model.lm_head] + [m for block in model.layers for m in _block_modules(block)]
+
+
+def _plain(lin) -> bool:
+    """A Linear whose product is its own weight's (no fused kernel or int8 copy installed)."""
+    return type(lin) is Linear and (lin.decode_matmul is None or type(lin.decode_matmul) is DecodeMatmul)
+
+
 def supports(model) -> bool:
-    """Whether `DecodeStep` reproduces this model's forward (Llama/Mistral/Qwen-without-bias shape)."""
+    """Whether `DecodeStep` reproduces this model's forward (Llama/Mistral/Qwen2 shape: q/k/v
+    biases are covered, biases elsewhere are not)."""
     c = model.config
     if not (c.norm == "rmsnorm" and c.pos_emb == "rope" and c.activation == "swiglu"):
         return False
-    if c.qk_norm or c.bias or c.attn_bias or c.n_expert:
+    if c.qk_norm or c.bias or c.n_expert:
         return False
     # not covered: sliding windows (their masks and rolling buffer), MLA, Gemma's switches
     if c.sliding_window is not None or c.attention != "mha" or c.norm_offset or c.post_norms or c.embed_scale:
         return False
     if c.attn_head_dim not in (None, c.n_embd // c.n_head) or c.attn_scale is not None or c.final_logit_softcap is not None:
         return False
-    linears = [model.lm_head] + [m for block in model.layers for m in _block_modules(block)]
-    return all(type(m) is Linear for m in linears)  # quantized layers take the model's own path
+    return all(type(m) in (Linear, QuantLinear) for m in _linears(model))
+
+
+def _linear_t(lin, ht: torch.Tensor) -> torch.Tensor:
+    """lin applied to transposed activations ht (in, B) -> (out, B): torch.mm on a plain
+    Linear's own weight (addmm with its bias), else the module itself (its fused kernel)."""
+    if _plain(lin):
+        return torch.mm(lin.weight, ht) if lin.bias is None else torch.addmm(lin.bias[:, None], lin.weight, ht)
+    return lin(ht.t()).t()
 
 
 class DecodeStep:
-    """`step(idx (1, 1), cache)` and `step_rows(idx (B, 1), cache)` -> logits (B, 1, V)."""
+    """`step(idx (1, 1), cache)` and `step_rows(idx (B, 1), cache)` -> logits (B, 1, V).
 
-    def __init__(self, model):
+    transposed: keep transposed, fused fp32 copies of every weight for one-row steps (as much
+    memory again as the Linear weights; the engine asks for them below its size limit). Only
+    for models whose Linear layers are all plain fp32 `Linear`s; without them `step` is
+    `step_rows` on the model's own weights and kernels."""
+
+    def __init__(self, model, transposed: bool = True):
         if not supports(model):
-            raise ValueError("DecodeStep covers RMSNorm + RoPE + SwiGLU models without biases, QK-norm, MoE, "
-                             "sliding windows, latent attention or Gemma's norms and scales")
+            raise ValueError("DecodeStep covers RMSNorm + RoPE + SwiGLU models without biases (but q/k/v's), QK-norm, "
+                             "MoE, sliding windows, latent attention or Gemma's norms and scales")
         self.model = model
         self.config = model.config
+        self.transposed = transposed and all(_plain(m) and m.weight.is_floating_point() for m in _linears(model))
         self._stamp = None
-        # the modules whose weights the copies are made from: checking only their weights' identity
-        # and version each step is far cheaper than walking model.parameters() (docs/BENCHMARKS.md)
-        self._sources = [model.embed_tokens, model.norm, model.lm_head] + [
+        # the tensors the copies are made from: checking only their identity and version each
+        # step is far cheaper than walking model.parameters() (docs/BENCHMARKS.md)
+        sources = [model.embed_tokens, model.norm, model.lm_head] + [
             m for block in model.layers for m in (block.input_layernorm, block.post_attention_layernorm, *_block_modules(block))]
+        self._tensors = [m.weight for m in sources] + [m.bias for m in sources if getattr(m, "bias", None) is not None] \
+            if self.transposed else []
         self._blocks: list[tuple] = []
         self._head_t: torch.Tensor | None = None
 
     def _refresh(self) -> None:
         """(Re)build the transposed, fused weights when any parameter changed since the last build."""
-        stamp = tuple((w.data_ptr(), w._version) for w in (m.weight for m in self._sources))
+        stamp = tuple((w.data_ptr(), w._version) for w in self._tensors)
         if stamp == self._stamp:
             return
 
@@ -74,8 +104,9 @@ class DecodeStep:
             for block in self.model.layers:
                 q, k, v, o, gate, up, down = _block_modules(block)
                 qkv_t = folded([q.weight, k.weight, v.weight], block.input_layernorm)  # (C, (H+2K)D)
+                qkv_b = torch.cat([q.bias, k.bias, v.bias])[None] if q.bias is not None else None  # (1, (H+2K)D)
                 gu_t = folded([gate.weight, up.weight], block.post_attention_layernorm)  # (C, 2F)
-                blocks.append((qkv_t, o.weight.t().contiguous(), gu_t, down.weight.t().contiguous()))
+                blocks.append((qkv_t, qkv_b, o.weight.t().contiguous(), gu_t, down.weight.t().contiguous()))
             self._head_t = folded([self.model.lm_head.weight], self.model.norm)  # (C, V)
             w = self.model.embed_tokens.weight
             self._eps = torch.full((1, 1), self.config.norm_eps, dtype=w.dtype, device=w.device)
@@ -88,6 +119,8 @@ class DecodeStep:
         if idx.shape != (1, 1):
             raise ValueError(f"DecodeStep.step takes one row and one token, got idx of shape {tuple(idx.shape)} "
                              "(several rows: step_rows)")
+        if not self.transposed:
+            return self.step_rows(idx, cache)
         self._refresh()
         c = self.config
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
@@ -102,8 +135,9 @@ class DecodeStep:
         def normalized(x):  # x * rsqrt(mean(x^2) + eps), the mean square as one addmm
             return x * torch.addmm(eps, x, x.t(), alpha=inv_c).rsqrt_()
 
-        for i, (qkv_t, o_t, gu_t, down_t) in enumerate(self._blocks):
-            qkv = one_row_matmul(normalized(x), qkv_t).view(1, H + 2 * K, D)
+        for i, (qkv_t, qkv_b, o_t, gu_t, down_t) in enumerate(self._blocks):
+            qkv = one_row_matmul(normalized(x), qkv_t)  # (1, (H+2K)D)
+            qkv = (qkv if qkv_b is None else qkv.add_(qkv_b)).view(1, H + 2 * K, D)
             qk = apply_rope(qkv[:, : H + K], cos, sin)  # (1, H+K, D): q and k rotated together
             ck, cv = cache.k[i], cache.v[i]  # (1, K, S, D)
             ck[:, :, pos] = qk[:, H:]
@@ -141,16 +175,16 @@ class DecodeStep:
         for i, block in enumerate(model.layers):
             q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj = _block_modules(block)
             h = normalized(xt, block.input_layernorm)
-            q, k, v = (torch.mm(lin.weight, h).t() for lin in (q_proj, k_proj, v_proj))  # (B, out) views
+            q, k, v = (_linear_t(lin, h).t() for lin in (q_proj, k_proj, v_proj))  # (B, out) views
             qk = apply_rope(torch.cat([q, k], 1).view(B, H + K, D), cos, sin)  # (B, H+K, D)
             ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
             ck[rows, :, pos] = qk[:, H:]
             cv[rows, :, pos] = v.reshape(B, K, D)
             y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, :n_keys], cv[:, :, :n_keys], attn_mask=mask,
                                                enable_gqa=H != K)  # (B, H, 1, D)
-            xt = xt + torch.mm(o_proj.weight, y.view(B, H * D).t())
+            xt = xt + _linear_t(o_proj, y.view(B, H * D).t())
             h = normalized(xt, block.post_attention_layernorm)
-            act = F.silu(torch.mm(gate_proj.weight, h)).mul_(torch.mm(up_proj.weight, h))  # (F, B)
-            xt = xt + torch.mm(down_proj.weight, act)
+            act = F.silu(_linear_t(gate_proj, h)).mul_(_linear_t(up_proj, h))  # (F, B)
+            xt = xt + _linear_t(down_proj, act)
         cache.pos.add_(1)
-        return torch.mm(model.lm_head.weight, normalized(xt, model.norm)).t()[:, None]  # (B, 1, V)
+        return _linear_t(model.lm_head, normalized(xt, model.norm)).t()[:, None]  # (B, 1, V)

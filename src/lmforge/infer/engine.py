@@ -283,13 +283,16 @@ class Engine:
         if draft_model is not None and draft_model.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"draft model vocabulary {draft_model.config.vocab_size} != target {self.config.vocab_size}: they must share the tokenizer")
         self.spec_stats = {"proposed": 0, "accepted": 0, "target_steps": 0}
-        # CPU decoding at batch 1 reads each weight through a transposed copy (faster than F.linear), for
-        # models up to 1 GiB of Linear weights: in the lean DecodeStep where the model's shape is
-        # covered (decode_step.py), else in the model's own Linear layers (cpu_matmul.py, which
-        # also gives every Linear its few-row paths for prefills and several rows)
+        # CPU decoding goes through the lean DecodeStep where the model's shape is covered
+        # (decode_step.py), else through the model's own forward; either way at batch 1 each weight
+        # is read through a transposed copy (faster than F.linear) for fp32 models up to 1 GiB of
+        # Linear weights: the DecodeStep's fused copies, or the Linear layers' own (cpu_matmul.py,
+        # which also gives every Linear its few-row paths for prefills and several rows). Above the
+        # limit, and for quantized layers, decoding reads the model's own weights and kernels.
         on_cpu = next(model.parameters()).device.type == "cpu"
-        lean = on_cpu and decode_step_supports(model) and linear_bytes(model) <= TRANSPOSED_MAX_BYTES
-        self.decode_step = DecodeStep(model) if lean else None
+        lean = on_cpu and decode_step_supports(model)
+        small = linear_bytes(model) <= TRANSPOSED_MAX_BYTES
+        self.decode_step = DecodeStep(model, transposed=small) if lean else None
         keep_transposed_weights(model, on=not lean, max_bytes=TRANSPOSED_MAX_BYTES)
         # quantized layers: the fused kernel where it is faster for the layer's shape, timed once
         # per process (qlinear.py; $LMFORGE_QUANT_KERNEL=reference|fused|auto overrides)
