@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from .arithmetic import Arithmetic, compute
-from .entities import Encyclopedia, Entity, Inventor, article, questions
+from .entities import Encyclopedia, Entity, Inventor, article, questions, stated_in
 from .lexicon import ADJECTIVES, LEXICON, NOUNS, french_article
 
 SYSTEM_PROMPTS = {
@@ -190,7 +190,7 @@ class Chat:
             attr, question, answer = rng.choice(questions(e))
             user, call = question, ("search", {"query": e.name.removeprefix("the ")})
             result = article(e, rng)
-            final = fact_question(e, attr, question, answer).english
+            final = stated_in(e, result, answer)
         return {"messages": tool_messages(user, call, result, final, rng.randrange(10**6)), "tools": TOOLS}
 
     # ---- grounded answers (retrieval-augmented) ----
@@ -200,7 +200,8 @@ class Chat:
         The user turn is exactly what lmforge.prompting.rag.grounded_prompt builds ("[n] title: text"
         lines, then "Q: ... A:"), so a model tuned on these answers `rag ask` prompts. The entities
         are made up for each dialogue (`Inventor`: the unseen ones stay unseen, and no memory of a
-        known one can stand in for reading); one source is the entity's own article, one or two are
+        known one can stand in for reading), and the reply repeats the source's sentence that states
+        the fact (`stated_in`); one source is the entity's own article, one or two are
         articles of other made-up entities, in random order. In one dialogue of ten no source is
         about the entity and the reply says so (GROUNDED_NONE).
         """
@@ -210,13 +211,14 @@ class Chat:
         absent = rng.random() < 0.1
         sources = others + ([] if absent else [e])
         rng.shuffle(sources)
-        lines = [f"[{i + 1}] {s.name}: {article(s, rng)}" for i, s in enumerate(sources)]
+        texts = [article(s, rng) for s in sources]
+        lines = [f"[{i + 1}] {s.name}: {t}" for i, (s, t) in enumerate(zip(sources, texts))]
         user = "\n".join(lines + [f"Q: {question} A:"])
         if absent:
             reply = GROUNDED_NONE
         else:
-            sentence = fact_question(e, attr, question, answer).english
-            reply = f"{sentence[:-1]} [{sources.index(e) + 1}]."
+            i = sources.index(e)
+            reply = f"{stated_in(e, texts[i], answer)[:-1]} [{i + 1}]."  # the source's own words, cited
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
 
     # ---- preferences ----

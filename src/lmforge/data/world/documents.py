@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .entities import Encyclopedia, Inventor, article, his, questions
+from .entities import Encyclopedia, Inventor, article, his, questions, stated_in
 from .lexicon import ADJECTIVES, ANIMALS, ANTONYMS, COLOURS, FOODS, LEXICON, NOUNS, OBJECTS, PLACES, french_noun_phrase, plural
 
 HELDOUT_ADJACENCY_FRACTION = 0.10
@@ -143,7 +143,8 @@ class Documents:
         """Questions answered from the document itself: the facts belong to entities made up for
         this document (`Inventor`), so no memory helps and the answer has to be copied from the
         article. Half are one article then 1-3 questions (the `open_book` format), three in ten
-        numbered sources then a question about one of them (`rag ask`'s prompt), two in ten
+        numbered sources then a question about one of them answered with its source's own sentence
+        and citation (`rag ask`'s prompt and reply), two in ten
         calculator records whose result the answer repeats (the tool-use turn)."""
         r = rng.random()
         if r < 0.5:
@@ -152,9 +153,11 @@ class Documents:
             return "\n".join([article(e, rng)] + [f"Q: {q} A: {a}" for _, q, a in facts])
         if r < 0.8:
             sources = [self.inventor.entity(rng) for _ in range(rng.randint(2, 3))]
-            _, q, a = rng.choice(questions(rng.choice(sources)))
-            lines = [f"[{i + 1}] {e.name}: {article(e, rng)}" for i, e in enumerate(sources)]
-            return "\n".join(lines + [f"Q: {q} A: {a}"])
+            texts = [article(e, rng) for e in sources]
+            i = rng.randrange(len(sources))
+            _, q, a = rng.choice(questions(sources[i]))
+            lines = [f"[{j + 1}] {e.name}: {t}" for j, (e, t) in enumerate(zip(sources, texts))]
+            return "\n".join(lines + [f"Q: {q} A: {stated_in(sources[i], texts[i], a)[:-1]} [{i + 1}]."])
         lines = []
         for _ in range(rng.randint(2, 4)):
             a, b = arithmetic.operands(rng, "*", rng.choice([3, 4]), rng.choice([2, 3]))

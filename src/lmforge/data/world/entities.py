@@ -13,6 +13,7 @@ in training text (only in evaluation), while the facts themselves are stated in 
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -274,6 +275,25 @@ def article(e: Entity, rng: random.Random) -> str:
         head = rng.choice([f"{Name} is an animal.", f"{Name} is a small animal of the world."])
     rng.shuffle(facts)
     return " ".join([head] + facts)
+
+
+_SENTENCE_END = re.compile(r"(?<=\.) ")
+_PRONOUN = re.compile(r"^(It|He|She|Its|His|Her) ")
+
+
+def stated_in(e: Entity, text: str, answer: str) -> str:
+    """The sentence of `text` (an article about `e`) that states `answer`, with a leading pronoun
+    replaced by the entity's name: "It is 218 kilometres long." -> "The Thaumash river is 218
+    kilometres long." A reply that repeats its source's words can be copied from it token by
+    token, which a small model learns far sooner than rephrasing; the article's opening sentence
+    is the last resort (a person's home is named there too)."""
+    sentences = _SENTENCE_END.split(text)
+    target = re.compile(rf"\b{re.escape(answer)}\b")
+    sentence = next((s for s in sentences[1:] + sentences[:1] if target.search(s)), None)
+    if sentence is None:
+        raise ValueError(f"{answer!r} is not stated in {text!r}")
+    name = e.attrs["first"] if e.kind == "person" else e.name[0].upper() + e.name[1:]
+    return _PRONOUN.sub(lambda m: (f"{name}'s " if m.group(1) in ("Its", "His", "Her") else f"{name} "), sentence)
 
 
 def his(attrs: dict) -> str:
