@@ -81,18 +81,18 @@ class DecodeStep:
         self.config = model.config
         self.transposed = transposed and all(_plain(m) and m.weight.is_floating_point() for m in _linears(model))
         self._stamp = None
-        # the tensors the copies are made from: checking only their identity and version each
-        # step is far cheaper than walking model.parameters() (docs/BENCHMARKS.md)
-        sources = [model.embed_tokens, model.norm, model.lm_head] + [
+        # the modules whose weights and biases the copies are made from: checking only their
+        # tensors' identity and version each step is far cheaper than walking model.parameters()
+        # (docs/BENCHMARKS.md); read each time, since load_state_dict(assign=True) replaces them
+        self._sources = [model.embed_tokens, model.norm, model.lm_head] + [
             m for block in model.layers for m in (block.input_layernorm, block.post_attention_layernorm, *_block_modules(block))]
-        self._tensors = [m.weight for m in sources] + [m.bias for m in sources if getattr(m, "bias", None) is not None] \
-            if self.transposed else []
         self._blocks: list[tuple] = []
         self._head_t: torch.Tensor | None = None
 
     def _refresh(self) -> None:
         """(Re)build the transposed, fused weights when any parameter changed since the last build."""
-        stamp = tuple((w.data_ptr(), w._version) for w in self._tensors)
+        biases = [m.bias for m in self._sources if getattr(m, "bias", None) is not None]
+        stamp = tuple((w.data_ptr(), w._version) for w in [m.weight for m in self._sources] + biases)
         if stamp == self._stamp:
             return
 
