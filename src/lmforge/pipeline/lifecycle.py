@@ -49,8 +49,9 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "world and training seed"})
     preset: str = field(default="small", metadata={"help": "model preset"})
     vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per pretraining step"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per pretraining sequence"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per pretraining step"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per pretraining sequence (256: a RAG prompt with three "
+                                                                      "sources is about 200 tokens)"})
     lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (embeddings, head, norms with Muon)"})
     warmup_steps: int = field(default=20, metadata={"help": "warmup steps"})
     optimizer: str = field(default="muon", metadata={"help": "muon: Muon on the hidden matrices + AdamW on the rest",

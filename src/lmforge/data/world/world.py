@@ -31,10 +31,10 @@ PRETRAIN_KINDS = ["arithmetic", "translation", "stories", "encyclopedia", "qa", 
 # model trained for minutes sees only a few million tokens, and these are the skills measured.
 # `reading` teaches answering from the text in front of the model (retrieval, tool results).
 DEFAULT_MIX = {
-    "arithmetic": 0.40,
-    "translation": 0.28,
-    "reading": 0.10,
-    "stories": 0.07,
+    "arithmetic": 0.35,
+    "reading": 0.30,
+    "translation": 0.15,
+    "stories": 0.05,
     "encyclopedia": 0.05,
     "qa": 0.03,
     "arithmetic_cot": 0.03,
