@@ -27,8 +27,8 @@ SYSTEM_PROMPTS = {
     "refuse": ["Do not talk about {topic}.", "You must refuse any question about {topic}."],
 }
 SYSTEM_KINDS = list(SYSTEM_PROMPTS)
-GROUNDED_NONE = "The sources do not say."
-DONT_KNOW = "I'm sorry, I don't know."  # a decline that is wrong under "Do not talk about X" when X is asked  # a grounded reply when no source is about the question
+GROUNDED_NONE = "The sources do not say."  # a grounded reply when no source is about the question
+DONT_KNOW = "I'm sorry, I don't know."  # a decline that is wrong under "Do not talk about X" when X is asked
 TOPICS = {"town": "towns", "river": "rivers", "person": "people", "animal": "animals", "arithmetic": "numbers",
           "translation": "languages"}
 
