@@ -8,7 +8,9 @@ Starts `lmforge serve` as a subprocess on a free port of 127.0.0.1 (or uses --ur
 2. --clients clients, each streaming /v1/completions requests back to back for --seconds
    (every request generates exactly --max-tokens tokens: end of text is banned by logit_bias),
    recording time to first token, the gaps between tokens, errors, and the server's resident
-   memory once a second;
+   memory once a second; the clients are lean asyncio HTTP/1.1 connections that count SSE
+   events without decoding them (--client httpx for the httpx client, which needs about as much
+   CPU per event as the engine per token, on the CPUs the server shares);
 3. the engine's own offline throughput at the same batch size (Engine.generate on --clients
    prompts in this process, the server idle), the reference for the server's overhead.
 Prints one JSON line. Stops by itself: every phase has a deadline, every request a timeout.
@@ -88,31 +90,114 @@ async def one_request(http: httpx.AsyncClient, url: str, body: dict, stats: dict
     stats["requests"] += 1
 
 
-async def clients_for(url: str, n_clients: int, seconds: float, body: dict, rss_of=None) -> dict:
-    """n_clients loops of back-to-back streaming requests until the deadline."""
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection that streams completions with asyncio streams and
+    counts SSE events without decoding their JSON: the load generator shares the server's CPUs,
+    and httpx spends about as much CPU per event as the engine spends per token (measured:
+    ~0.85 ms per event on the 2-core reference machine), which a lean client does not."""
+
+    def __init__(self, url: str):
+        host_port = url.split("://", 1)[1].rstrip("/")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self.reader = self.writer = None
+
+    async def post_stream(self, path: str, body: dict, stats: dict, max_tokens: int) -> None:
+        """Stream one completion; record TTFT, token gaps, tokens, or an error (a stream that ends
+        with fewer than max_tokens events is one)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        payload = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        t0 = time.perf_counter()
+        status, headers = await self._head()
+        if status != 200:
+            size = int(headers.get(b"content-length", b"0"))
+            stats["errors"].append(f"HTTP {status}: {(await self.reader.readexactly(size))[:200]!r}")
+            return
+        last, n, done = None, 0, False
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                break
+            now = time.perf_counter()
+            if b'"error"' in data:
+                stats["errors"].append(data[:200].decode(errors="replace"))
+            events = data.count(b"data: ")
+            if b"data: [DONE]" in data:
+                events, done = events - 1, True
+            for _ in range(events):  # events that came in one write arrive together
+                if last is None:
+                    stats["ttft"].append(now - t0)
+                else:
+                    stats["gaps"].append(now - last)
+                last = now
+            n += events
+        if not done or n != max_tokens:
+            stats["errors"].append(f"stream ended after {n} of {max_tokens} tokens (done={done})")
+        stats["tokens"] += n
+        stats["requests"] += 1
+
+    async def _head(self) -> tuple[int, dict]:
+        status = int((await self.reader.readline()).split()[1])
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            key, _, value = line.partition(b":")
+            headers[key.strip().lower()] = value.strip()
+        return status, headers
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def raw_client(url: str, i: int, deadline: float, body: dict, stats: dict) -> None:
+    """Back-to-back streaming requests on one keep-alive connection (reopened after a failure)."""
+    conn, k = RawConnection(url), 0
+    while time.perf_counter() < deadline:
+        one = {**body, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "seed": 1000 * i + k}
+        try:
+            await asyncio.wait_for(conn.post_stream("/v1/completions", one, stats, body["max_tokens"]), timeout=120)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            stats["errors"].append(f"{type(e).__name__}: {e}"[:200])
+            conn.close()
+        k += 1
+    conn.close()
+
+
+async def httpx_client(url: str, i: int, deadline: float, body: dict, stats: dict) -> None:
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2)) as http:
+        k = 0
+        while time.perf_counter() < deadline:
+            await one_request(http, url, {**body, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "seed": 1000 * i + k}, stats)
+            k += 1
+
+
+async def clients_for(url: str, n_clients: int, seconds: float, body: dict, rss_of=None, client: str = "raw") -> dict:
+    """n_clients loops of back-to-back streaming requests until the deadline; the CPU seconds this
+    process spent (the load generator's own cost) in "client_cpu_s"."""
     stats = {"ttft": [], "gaps": [], "tokens": 0, "requests": 0, "errors": [], "rss_mb": []}
     deadline = time.perf_counter() + seconds
-
-    async def client(i):
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2)) as http:
-            k = 0
-            while time.perf_counter() < deadline:
-                await one_request(http, url, {**body, "prompt": PROMPTS[(i + k) % len(PROMPTS)], "seed": 1000 * i + k}, stats)
-                k += 1
+    one_client = raw_client if client == "raw" else httpx_client
 
     async def memory():
         while time.perf_counter() < deadline:
             stats["rss_mb"].append(rss_of() / 2**20)
             await asyncio.sleep(1.0)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(n_clients)), *([memory()] if rss_of else []))
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one_client(url, i, deadline, body, stats) for i in range(n_clients)), *([memory()] if rss_of else []))
     stats["elapsed"] = time.perf_counter() - t0
+    stats["client_cpu_s"] = time.process_time() - cpu0
     return stats
 
 
-def offline_throughput(run: str, batch: int, max_tokens: int, device: str) -> float:
-    """Generated tokens/s of Engine.generate on `batch` prompts at once, each max_tokens long."""
+def offline_throughput(run: str, batch: int, max_tokens: int, device: str) -> tuple[float, float]:
+    """Generated tokens/s of Engine.generate on `batch` prompts at once, each max_tokens long, and
+    the CPU seconds it spent per token."""
     from lmforge.infer import load_run
     from lmforge.infer.engine import Engine
     from lmforge.infer.sampling import SamplingParams
@@ -123,9 +208,10 @@ def offline_throughput(run: str, batch: int, max_tokens: int, device: str) -> fl
     params = [SamplingParams(max_new_tokens=max_tokens, temperature=1.0, seed=i, logit_bias=bias) for i in range(batch)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     engine.generate(prompts[:1], params[:1])  # warm-up
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out = engine.generate(prompts, params)
-    return sum(len(c.token_ids) for c in out) / (time.perf_counter() - t0)
+    n = sum(len(c.token_ids) for c in out)
+    return n / (time.perf_counter() - t0), (time.process_time() - cpu0) / n
 
 
 def pct(values, q) -> float | None:
@@ -142,6 +228,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup-seconds", type=float, default=5.0, help="RSS growth is measured after this")
+    ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                    help="load generator: lean asyncio streams (default) or httpx (costs the shared CPUs far more)")
     args = ap.parse_args()
     from lmforge.tokenizer import Tokenizer
 
@@ -150,14 +238,17 @@ def main() -> int:
             "logit_bias": {str(tok.eos_id): -100} if tok.eos_id is not None else {}}
     proc, url = (None, args.url) if args.url else start_server(args.run, args.clients, args.device)
     try:
-        rss_of = (lambda: psutil.Process(proc.pid).memory_info().rss) if proc else None
-        single = asyncio.run(clients_for(url, 1, min(args.single_seconds, args.seconds), body))
-        load = asyncio.run(clients_for(url, args.clients, args.seconds, body, rss_of))
+        server = psutil.Process(proc.pid) if proc else None
+        rss_of = (lambda: server.memory_info().rss) if proc else None
+        single = asyncio.run(clients_for(url, 1, min(args.single_seconds, args.seconds), body, client=args.client))
+        cpu0 = sum(server.cpu_times()[:2]) if server else None
+        load = asyncio.run(clients_for(url, args.clients, args.seconds, body, rss_of, client=args.client))
+        server_cpu = sum(server.cpu_times()[:2]) - cpu0 if server else None
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    offline = offline_throughput(args.run, args.clients, args.max_tokens, args.device)
+    offline, offline_cpu_per_token = offline_throughput(args.run, args.clients, args.max_tokens, args.device)
     agg = load["tokens"] / load["elapsed"]
     one = single["tokens"] / single["elapsed"]
     rss = load["rss_mb"]
@@ -172,7 +263,12 @@ def main() -> int:
         "per_token_ms_p50": pct(load["gaps"], 50), "per_token_ms_p95": pct(load["gaps"], 95),
         "rss_mb_start": round(rss[0], 1) if rss else None, "rss_mb_after_warmup": round(after, 1) if rss else None,
         "rss_mb_end": round(rss[-1], 1) if rss else None, "rss_mb_max": round(max(rss), 1) if rss else None,
-        "rss_growth_after_warmup_mb": round(max(rss) - after, 1) if rss else None}))
+        "rss_growth_after_warmup_mb": round(max(rss) - after, 1) if rss else None,
+        # CPU per generated token (robust to other load on the machine): the server process while
+        # the clients ran, the load generator, and the engine offline
+        "client": args.client, "server_cpu_us_per_token": round(1e6 * server_cpu / load["tokens"]) if server_cpu and load["tokens"] else None,
+        "client_cpu_us_per_token": round(1e6 * load["client_cpu_s"] / load["tokens"]) if load["tokens"] else None,
+        "offline_cpu_us_per_token": round(1e6 * offline_cpu_per_token)}))
     return 1 if load["errors"] or single["errors"] else 0
 
 
