@@ -44,7 +44,7 @@ def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
     report = (out / "report.md").read_text()
     for section in SECTIONS:
         assert section in report, section
-    assert "| follows the system prompt (exact) |" in report and "unseen entities" in report and "multiplication" in report
+    assert "| obeys the system prompt (format or refusal, fact aside) |" in report and "unseen entities" in report and "multiplication" in report
     assert f"lmforge sft --run {out}/base" in report and f"lmforge chat --run {out}/dpo" in report
 
     # the run directories are ordinary runs: eval reads the final one

@@ -19,6 +19,7 @@ import re
 
 from lmforge.data.chat import render_chat
 from lmforge.data.world.chat import GROUNDED_NONE
+from lmforge.data.world.tasks import follows
 from lmforge.infer.sampling import SamplingParams
 from lmforge.prompting import rag
 from lmforge.prompting.tools import ToolRegistry, calculate, calculator_tool, run_with_tools, search_tool
@@ -48,11 +49,14 @@ def _chat_replies(engine, conversations: list[list[dict]], max_new_tokens: int) 
 
 
 def chat_skills(engine, items) -> dict:
-    """On `system_prompt` items: the share of replies that follow the system prompt exactly
-    (item.score), that end with the end-of-turn token, and that contain the item's key fact."""
+    """On `system_prompt` items: the share of replies that obey the system prompt (its format or
+    refusal, whatever the fact: `follows` without the key), that equal the reference reply
+    (item.score's exact: obeying *and* knowing the held-out fact), that end with the end-of-turn
+    token, and that contain the item's key fact."""
     out = _chat_replies(engine, [it.prompt for it in items], max(it.max_new_tokens for it in items))
     n = max(len(items), 1)
     return {"n": len(items),
+            "complies": sum(follows(c.text, it.check, None) for it, c in zip(items, out)) / n,
             "system_prompt": sum(it.score(c.text)["exact"] for it, c in zip(items, out)) / n,
             "end_of_turn": sum(c.finish_reason == "stop" for c in out) / n,
             "chat_answers": sum(contains_answer(c.text, it.key or it.answer) for it, c in zip(items, out)) / n,

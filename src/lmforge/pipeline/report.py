@@ -11,7 +11,8 @@ from pathlib import Path
 
 from lmforge.io import atomic_write_text
 
-ROWS_CHAT = [("system_prompt", "follows the system prompt (exact)"), ("end_of_turn", "ends its turn (end-of-turn token)"),
+ROWS_CHAT = [("complies", "obeys the system prompt (format or refusal, fact aside)"),
+             ("system_prompt", "the reference reply exactly (obeys and knows the fact)"), ("end_of_turn", "ends its turn (end-of-turn token)"),
              ("chat_answers", "answers with the right fact")]
 
 

@@ -86,7 +86,8 @@ def follows(reply_text: str, check: str, key: str | None) -> bool:
     if check == "one_word":
         return len(reply_text.split()) == 1 and has_key
     if check == "capitals":
-        return reply_text == reply_text.upper() and any(c.isalpha() for c in reply_text) and has_key
+        # a reply with no letters ("3 * 16 = 48.") has none in lower case: it obeys
+        return bool(reply_text.strip()) and reply_text == reply_text.upper() and has_key
     if check == "french":
         return bool(_FRENCH_MARKERS.search(norm)) and has_key
     if check == "refuse":
