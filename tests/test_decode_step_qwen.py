@@ -13,24 +13,7 @@ from lmforge.infer.qlinear import KERNEL_ENV, HeadKernel
 from lmforge.infer.quantize import QuantLinear, quantize_model
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import KVCache, ModelConfig, Transformer
-
-
-class _Ids:
-    """A tokenizer for random-weight models: ids only, no text."""
-
-    bos_id, eos_id = 0, None
-
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
-
-    def stream_decoder(self):
-        return self
-
-    def push(self, id):
-        return ""
-
-    def flush(self):
-        return ""
+from test_qdecode import _Ids
 
 
 def qwen_tiny(seed: int = 0) -> Transformer:
