@@ -68,56 +68,74 @@ NAME_MAKERS = {
 }
 
 
+# words no name may be (the lexicon's and the other fixed words of the world)
+RESERVED_WORDS = frozenset({w.lower() for w in LEXICON} | {w.lower() for w in OTHER.values()})
+
+
+def is_fresh(word: str, taken) -> bool:
+    """The naming rule: at least 4 letters, not a reserved word, and neither containing nor
+    contained in any name already `taken` (lower case), so no name can match inside another."""
+    low = word.lower()
+    return len(low) >= 4 and low not in RESERVED_WORDS and not any(low in t or t in low for t in taken)
+
+
 class Encyclopedia:
     """All entities of one world, built deterministically from `seed`."""
 
     def __init__(self, seed: int):
         self.seed = seed
         rng = random.Random(f"lmforge-world:{seed}:entities")
-        used: set[str] = {w.lower() for w in LEXICON} | {w.lower() for w in OTHER.values()}
-        taken_words: set[str] = set()
-
-        def fresh(make) -> str:
-            while True:
-                word = make()
-                low = word.lower()
-                # no name may equal, contain or be contained in another name or a lexicon word
-                if low in used or len(low) < 4 or any(low in t or t in low for t in taken_words):
-                    continue
-                taken_words.add(low)
-                return word
-
-        def split(items: list, n_unseen: int) -> None:
+        self._name_entities(rng)
+        for items in (self.rivers, self.towns, self.people, self.animals):
+            n_unseen = round(len(items) * UNSEEN_FRACTION)
             for i, e in enumerate(items):
                 e.known = i >= n_unseen  # the first ones are unseen (order is random already)
+        self._draw_facts(rng)
+        self.all = self.rivers + self.towns + self.people + self.animals
+        self.known = [e for e in self.all if e.known]
+        self.unseen = [e for e in self.all if not e.known]
+        self.salt = zlib.crc32(f"lmforge-world:{seed}:heldout".encode())
+        # the questions about each entity, split into those training may ask and held-out ones
+        self.train_questions: list[tuple[Entity, str, str, str]] = []
+        self.heldout_questions: list[tuple[Entity, str, str, str]] = []
+        for e in self.all:
+            for attr, question, answer in questions(e):
+                held = self.is_heldout_question(e, attr)
+                (self.heldout_questions if held else self.train_questions).append((e, attr, question, answer))
 
-        self.seas = [Entity("sea", "", True, {"word": fresh(lambda: NAME_MAKERS["sea"](rng))})
-                     for _ in range(N_SEAS)]
+    def _name_entities(self, rng: random.Random) -> None:
+        """Every entity with its name (`is_fresh` against all names drawn before it)."""
+        taken: set[str] = set()
+
+        def fresh(kind: str) -> str:
+            while not is_fresh(word := NAME_MAKERS[kind](rng), taken):
+                pass
+            taken.add(word.lower())
+            return word
+
+        self.seas = [Entity("sea", "", True, {"word": fresh("sea")}) for _ in range(N_SEAS)]
         for s in self.seas:
             s.name = f"the {s.attrs['word']} Sea"
         self.rivers = []
         for _ in range(N_RIVERS):
-            word = fresh(lambda: NAME_MAKERS["river"](rng))
+            word = fresh("river")
             self.rivers.append(Entity("river", f"the {word} river", True, {"word": word}))
         self.towns = [Entity("town", "", True, {}) for _ in range(N_TOWNS)]
         for t in self.towns:
-            t.name = t.attrs["word"] = fresh(lambda: NAME_MAKERS["town"](rng))
+            t.name = t.attrs["word"] = fresh("town")
         self.people = []
         for _ in range(N_PEOPLE):
-            first = fresh(lambda: NAME_MAKERS["first"](rng))
-            last = fresh(lambda: NAME_MAKERS["last"](rng))
+            first, last = fresh("first"), fresh("last")
             self.people.append(Entity("person", f"{first} {last}", True, {"first": first, "last": last,
                                                                           "pronoun": rng.choice(["he", "she"])}))
         self.animals = []
         for _ in range(N_ANIMALS):
-            word = fresh(lambda: NAME_MAKERS["animal"](rng))
+            word = fresh("animal")
             self.animals.append(Entity("animal", f"the {word}", True, {"word": word}))
 
-        for items in (self.rivers, self.towns, self.people, self.animals):
-            split(items, round(len(items) * UNSEEN_FRACTION))
-
+    def _draw_facts(self, rng: random.Random) -> None:
+        """Every entity's attributes; a known entity only points at known ones."""
         def pick(items: list[Entity], known: bool) -> Entity:
-            # a known entity may only point at known entities; an unseen one at any
             return rng.choice([e for e in items if e.known or not known])
 
         for r in self.rivers:
@@ -136,18 +154,6 @@ class Encyclopedia:
         for a in self.animals:
             a.attrs.update(colour=rng.choice(COLOURS), legs=rng.choice([2, 4, 6, 8]), food=rng.choice(FOODS),
                            river=pick(self.rivers, a.known).attrs["word"])
-
-        self.all = self.rivers + self.towns + self.people + self.animals
-        self.known = [e for e in self.all if e.known]
-        self.unseen = [e for e in self.all if not e.known]
-        self.salt = zlib.crc32(f"lmforge-world:{seed}:heldout".encode())
-        # the questions about each entity, split into those training may ask and held-out ones
-        self.train_questions: list[tuple[Entity, str, str, str]] = []
-        self.heldout_questions: list[tuple[Entity, str, str, str]] = []
-        for e in self.all:
-            for attr, question, answer in questions(e):
-                held = self.is_heldout_question(e, attr)
-                (self.heldout_questions if held else self.train_questions).append((e, attr, question, answer))
 
     def is_heldout_question(self, entity: Entity, attr: str) -> bool:
         h = zlib.crc32(f"{entity.name}|{attr}".encode(), self.salt)
@@ -168,15 +174,12 @@ class Inventor:
     def __init__(self, enc: Encyclopedia):
         self.enc = enc
         self.taken = {n.lower() for e in enc.all for n in e.names} | {s.attrs["word"].lower() for s in enc.seas}
-        self.words = {w.lower() for w in LEXICON} | {w.lower() for w in OTHER.values()}
         self.known = {kind: [e for e in enc.known if e.kind == kind] for kind in self.KINDS}
 
     def name(self, rng: random.Random, kind: str) -> str:
-        while True:
-            word = NAME_MAKERS[kind](rng)
-            low = word.lower()
-            if len(low) >= 4 and low not in self.words and not any(low in t or t in low for t in self.taken):
-                return word
+        while not is_fresh(word := NAME_MAKERS[kind](rng), self.taken):
+            pass
+        return word
 
     def _ref(self, rng: random.Random, kind: str) -> str:
         """The word (a person's full name) of another entity: a known one or a fresh one, even odds."""
