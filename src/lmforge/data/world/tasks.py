@@ -95,22 +95,24 @@ def follows(reply_text: str, check: str, key: str | None) -> bool:
     return has_key
 
 
+def unique(make, count: int) -> list[EvalItem]:
+    """Up to `count` items of `make()` with distinct prompts (at most count * 50 draws)."""
+    seen, out = set(), []
+    for _ in range(count * 50):
+        item = make()
+        key = str(item.prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+        if len(out) == count:
+            break
+    return out
+
+
 def build_tasks(enc: Encyclopedia, arith: Arithmetic, docs: Documents, seed: int, n: int = 200) -> dict[str, list[EvalItem]]:
     """The named evaluation sets, `n` items each (fewer where the held-out pool is smaller)."""
     rng = random.Random(f"lmforge-world:{seed}:tasks")
     tasks: dict[str, list[EvalItem]] = {}
-
-    def unique(make, count: int) -> list[EvalItem]:
-        seen, out = set(), []
-        for _ in range(count * 50):
-            item = make()
-            key = str(item.prompt)
-            if key not in seen:
-                seen.add(key)
-                out.append(item)
-            if len(out) == count:
-                break
-        return out
 
     def bare(spec, task):
         def make():
@@ -152,6 +154,14 @@ def build_tasks(enc: Encyclopedia, arith: Arithmetic, docs: Documents, seed: int
     tasks["open_book"] = [EvalItem("open_book", f"{article(e, rng)}\nQ: {q} A:", a, meta={"entity": e.name, "attribute": attr})
                           for e, attr, q, a in unseen_q[:n]]
 
+    tasks.update(_chat_tasks(rng, arith, closed, unseen_q, n))
+    return tasks
+
+
+def _chat_tasks(rng: random.Random, arith: Arithmetic, closed: list, unseen_q: list, n: int) -> dict[str, list[EvalItem]]:
+    """`system_prompt` (held-out facts and sums under system prompts) and `tool_use` (products
+    that need the calculator, questions about unseen entities that need the search tool)."""
+    tasks: dict[str, list[EvalItem]] = {}
     def system_item():
         kind = rng.choice(["one_word", "french", "capitals", "refuse"])
         if rng.random() < 0.6:
