@@ -342,20 +342,26 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     summary = train(model, sft_objective, data, train_config, out, evaluate=evaluate, resume=resume)
     summary["wall_time"] = time.time() - t0
     model.eval()
+    eot = None
     if heldout:
         with torch.no_grad():
             eot = end_of_turn_rate(model, base, heldout, config.eot_max_tokens)
         summary["eot_rate"] = eot["eot_rate"]
     if rank == 0:
-        if config.lora_rank:
-            save_adapter(model, out, base=str(Path(base_path).resolve()))
-            save_pretrained(merge_lora(copy.deepcopy(model)), out)  # the run dir's weights: merged
-        if heldout:
-            atomic_write_json(out / "sft_eval.json", {"heldout_loss": summary.get("heldout_loss"), **eot})
-        atomic_write_json(out / "summary.json", summary)
+        _write_outputs(model, out, base_path, config, summary, eot)
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def _write_outputs(model, out: Path, base_path, config: SFTConfig, summary: dict, eot: dict | None) -> None:
+    """LoRA's adapter files and merged weights, sft_eval.json (when there was a held-out split), summary.json."""
+    if config.lora_rank:
+        save_adapter(model, out, base=str(Path(base_path).resolve()))
+        save_pretrained(merge_lora(copy.deepcopy(model)), out)  # the run dir's weights: merged
+    if eot is not None:
+        atomic_write_json(out / "sft_eval.json", {"heldout_loss": summary.get("heldout_loss"), **eot})
+    atomic_write_json(out / "summary.json", summary)
 
 
 def write_tokenizer_files(base: Base, out: Path) -> None:
