@@ -213,7 +213,8 @@ def test_a_plain_request_whose_client_leaves_is_cancelled(tok):
             assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 1)
         assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 0, timeout=200 * SlowModel.delay / 2)
         assert gauge(u, "lmforge_generation_tokens_total") < 100
-        assert wait_for(lambda: 'lmforge_requests_total{endpoint="/v1/completions",status="499"} 1' in httpx.get(u + "/metrics").text)
+        assert wait_for(lambda: 'lmforge_requests_total{endpoint="/v1/completions",status="499"} 1' in httpx.get(u + "/metrics").text), \
+            [line for line in httpx.get(u + "/metrics").text.splitlines() if line.startswith("lmforge_requests_total")]
         assert "status=\"500\"" not in httpx.get(u + "/metrics").text
         assert alive(u)
 
