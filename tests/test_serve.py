@@ -158,6 +158,77 @@ def test_sampling_fields_reach_the_engine(client, model, tok):
     assert r.choices[0].message.content == engine_text(model, tok, ids, **chat_params(tok, **kw))
 
 
+# each sampling field alone, against a base of temperature 1, seed 11: the server's samples are the
+# engine's for that field, and the field changes them (so a field the server dropped would fail)
+FIELDS = [  # (API fields, engine fields)
+    ({"temperature": 0.4}, {"temperature": 0.4}),
+    ({"top_p": 0.3}, {"top_p": 0.3}),
+    ({"extra_body": {"top_k": 3}}, {"top_k": 3}),
+    ({"extra_body": {"min_p": 0.5}}, {"min_p": 0.5}),
+    ({"presence_penalty": 2.0}, {"presence_penalty": 2.0}),
+    ({"frequency_penalty": 2.0}, {"frequency_penalty": 2.0}),
+    ({"extra_body": {"repetition_penalty": 3.0}}, {"repetition_penalty": 3.0}),
+    ({"seed": 12}, {"seed": 12}),
+]
+
+
+@pytest.mark.parametrize("api, engine", FIELDS, ids=[next(iter(e)) for _, e in FIELDS])
+def test_each_sampling_field_changes_the_samples_as_the_engine_does(client, model, tok, api, engine):
+    end = tok.special_tokens["<|end|>"]
+    ids = chat_ids(tok, HELLO)
+    base = dict(max_new_tokens=16, temperature=1.0, seed=11, n=2, logit_bias={end: -100.0})  # every sample 16 tokens
+    expected = engine_text(model, tok, ids, **chat_params(tok, **{**base, **engine}))
+    assert expected != engine_text(model, tok, ids, **chat_params(tok, **base))
+    kw = dict(model="tiny", messages=HELLO, max_tokens=16, temperature=1.0, seed=11, n=2, logit_bias={str(end): -100})
+    r = client.chat.completions.create(**{**kw, **api})
+    assert [c.message.content for c in r.choices] == expected
+    assert r.usage.completion_tokens == 32
+
+
+def test_max_completion_tokens_and_max_tokens(client, tok):
+    """max_completion_tokens (OpenAI's current name) wins over max_tokens; either alone limits."""
+    kw = dict(model="tiny", messages=HELLO, temperature=1.0, seed=2, logit_bias={str(tok.special_tokens["<|end|>"]): -100})
+    for fields, count in (({"max_tokens": 3}, 3), ({"max_completion_tokens": 5}, 5), ({"max_tokens": 9, "max_completion_tokens": 4}, 4)):
+        r = client.chat.completions.create(**kw, **fields)
+        assert r.usage.completion_tokens == count and r.choices[0].finish_reason == "length", fields
+    r = client.completions.create(model="tiny", prompt="the quick", seed=2, logit_bias={str(tok.special_tokens["<|end|>"]): -100})
+    assert r.usage.completion_tokens == 16  # OpenAI's default for completions
+    free = client.chat.completions.create(**{**kw, "logit_bias": {str(tok.special_tokens["<|end|>"]): -100, str(tok.eos_id): -100}})
+    # no limit: what the context leaves (the last token is sampled from position 256's logits, never fed back)
+    assert free.usage.prompt_tokens + free.usage.completion_tokens == 256 + 1 and free.choices[0].finish_reason == "length"
+
+
+def test_chat_stream_with_n_stop_and_usage_options(client, tok):
+    """n=2 streamed: each choice index opens with the role, carries its own deltas and finish; a
+    stop string never shows in a stream; without include_usage no chunk has usage."""
+    kw = dict(model="tiny", messages=HELLO, max_tokens=10, seed=4, temperature=1.0, n=2)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(ch.delta.content or "" for ch in mine) == whole.choices[i].message.content
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == [whole.choices[i].finish_reason]
+    assert whole.choices[0].message.content != whole.choices[1].message.content
+    assert all(c.usage is None for c in chunks)
+    target = tok.encode(" fox")[0]
+    t = tok.decode([target])
+    stopped = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0, stream=True,
+                                                  logit_bias={str(target): 100}, stop=[t[-1] + t]))
+    assert "".join(c.choices[0].delta.content or "" for c in stopped) == t[:-1]
+    assert stopped[-1].choices[0].finish_reason == "stop"
+
+
+def test_completions_stream_include_usage(client):
+    kw = dict(model="tiny", prompt=["the quick", "what is"], max_tokens=5, seed=5, n=2)
+    whole = client.completions.create(**kw)
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    for i in range(4):
+        assert "".join(c.choices[0].text for c in chunks[:-1] if c.choices[0].index == i) == whole.choices[i].text
+
+
 def test_completions_n_echo_and_lists(client, model, tok):
     r = client.completions.create(model="tiny", prompt=["the quick", "what is"], max_tokens=5, n=2, seed=5)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
@@ -465,6 +536,7 @@ HF_TEMPLATE = ("{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' ~ m['content']
 
 def test_serving_run_directories(tmp_path, model, tok):
     from lmforge.data.chat_template import write_tokenizer_config
+    from lmforge.infer import load_run
     from lmforge.infer.quantize import quantize_run
     from lmforge.io import atomic_write_json
     from lmforge.model import save_pretrained
@@ -478,14 +550,26 @@ def test_serving_run_directories(tmp_path, model, tok):
     save_hf_checkpoint(model, hf)
     tok.save(hf)
     atomic_write_json(hf / "tokenizer_config.json", {"chat_template": HF_TEMPLATE, "eos_token": "<|end|>"})
+    ids = chat_ids(tok, HELLO)
+    first = {}  # run -> the server's log-probs of the first token's 20 most likely
     for path in (run, quant):
         with running_server(path) as u:
             c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
             assert c.models.list().data[0].id == path.name
-            r = c.chat.completions.create(model=path.name, messages=HELLO, max_tokens=4, temperature=0)
-            assert r.usage.prompt_tokens == len(chat_ids(tok, HELLO))
-            if path == run:  # the full-precision run is the model in memory: the same greedy text
-                assert r.choices[0].message.content == engine_text(model, tok, chat_ids(tok, HELLO), **chat_params(tok, max_new_tokens=4, temperature=0))
+            r = c.chat.completions.create(model=path.name, messages=HELLO, max_tokens=4, temperature=0, logprobs=True, top_logprobs=20)
+            assert r.usage.prompt_tokens == len(ids)
+            served, _ = load_run(path)  # what the run directory holds (int8 weights for the quantized run)
+            assert r.choices[0].message.content == engine_text(served, tok, ids, **chat_params(tok, max_new_tokens=4, temperature=0))
+            first[path] = {bytes(t.bytes): t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs}
+    with torch.no_grad():  # the quantized server computes the int8 model, not the original one
+        reference = {p: torch.log_softmax(load_run(p)[0](torch.tensor([ids]))[0][0, -1].float(), -1) for p in (run, quant)}
+    token_of = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
+    for path in (run, quant):
+        other = quant if path == run else run
+        got = torch.tensor(list(first[path].values()))
+        own = torch.stack([reference[path][token_of[b]] for b in first[path]])
+        off = torch.stack([reference[other][token_of[b]] for b in first[path]])
+        assert torch.allclose(got, own, atol=2e-5) and (got - off).abs().max() > 1e-4, (path, (got - own).abs().max(), (got - off).abs().max())
     with running_server(hf, model_name="hf-tiny") as u:
         ids = httpx.post(u + "/tokenize", json={"messages": HELLO}).json()["tokens"]
         text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in HELLO) + "<|assistant|>"

@@ -193,13 +193,17 @@ def test_full_queue_is_429_and_a_dropped_stream_frees_its_row(tok):
             with pytest.raises(openai.RateLimitError):
                 openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0).completions.create(model="tiny", prompt="a", max_tokens=2)
             next(lines)
-        # the first stream was dropped after two chunks, 198 tokens early: its row is freed at the next step
+            at_drop = gauge(u, "lmforge_generation_tokens_total")
+        # the first stream was dropped long before its 200 tokens: its row is freed at the next step,
+        # and the waiting request (2 tokens) gets it
         t0 = time.monotonic()
         waiting.join(timeout=30)
         assert not waiting.is_alive() and time.monotonic() - t0 < 200 * SlowModel.delay / 2
         assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 0 and gauge(u, "lmforge_requests_waiting") == 0)
         generated = gauge(u, "lmforge_generation_tokens_total")
-        assert generated < 50  # the dropped stream did not run to its 200 tokens
+        # not 200 + 2: the dropped stream stopped within a few steps of the drop (not a count of the
+        # steps before it, which depends on how busy the machine is)
+        assert at_drop < 190 and generated - at_drop <= 2 + 20 and generated < 200, (at_drop, generated)
         assert alive(u)
 
 
