@@ -9,9 +9,11 @@ a script), so the call and the final answer are the model's own tokens going thr
 
 import json
 import threading
+import time
 
 import httpx
 import jsonschema
+import numpy as np
 import openai
 import pytest
 import torch
@@ -258,16 +260,55 @@ def test_prefix_cache_hits_show_in_usage_and_metrics(client, url):
     assert hits >= cached
 
 
-def test_metrics_are_prometheus_text(client, url):
-    client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3)
+def metric_values(url) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
-    assert values['lmforge_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
-    assert values["lmforge_generation_tokens_total"] >= 3 and values["lmforge_prompt_tokens_total"] > 0
-    for h in ("lmforge_time_to_first_token_seconds", "lmforge_time_per_output_token_seconds", "lmforge_e2e_request_latency_seconds"):
-        assert values[f'{h}_bucket{{le="+Inf"}}'] == values[f"{h}_count"] >= 1
-    assert values["lmforge_requests_running"] == 0 and values["lmforge_requests_waiting"] == 0
-    assert "# TYPE lmforge_time_to_first_token_seconds histogram" in text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def metrics_after(url, before: dict, key: str, by: int) -> dict:
+    """/metrics once `key` grew by `by` (a request is counted once its answer is sent)."""
+    for _ in range(100):
+        now = metric_values(url)
+        if now.get(key, 0) - before.get(key, 0) >= by:
+            return now
+        time.sleep(0.02)
+    raise AssertionError(f"{key} did not grow by {by}")
+
+
+def test_metrics_count_each_request_exactly(client, url, tok):
+    """Every metric moves by exactly what one request did: its status, its prompt, generated and
+    cached tokens (= its usage), the prefix cache's hits and misses, one TTFT and one end-to-end
+    latency, one gap per token after each sample's first, all within the request's wall time."""
+    long = [{"role": "system", "content": "the lazy dog jumps over the quick brown fox. " * 6}, {"role": "user", "content": "hm"}]
+    client.chat.completions.create(model="tiny", messages=long, max_tokens=2)  # its blocks go into the prefix cache
+    ok = 'lmforge_requests_total{endpoint="/v1/chat/completions",status="200"}'
+    bad = 'lmforge_requests_total{endpoint="/v1/chat/completions",status="400"}'
+    before = metrics_after(url, {}, ok, 1)
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model="tiny", messages=long[:1] + [{"role": "user", "content": "ok then"}], max_tokens=6, n=2,
+                                       seed=3, logit_bias={str(tok.special_tokens["<|end|>"]): -100, str(tok.eos_id): -100})
+    wall = time.perf_counter() - t0
+    after = metrics_after(url, before, ok, 1)
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 32 and d[ok] == 1 and d.get(bad, 0) == 0
+    assert d["lmforge_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert d["lmforge_generation_tokens_total"] == r.usage.completion_tokens == 12
+    assert d["lmforge_prompt_tokens_cached_total"] == cached == d["lmforge_prefix_cache_hit_tokens_total"]
+    assert d["lmforge_prefix_cache_miss_tokens_total"] == r.usage.prompt_tokens - cached
+    ttft, gap, e2e = "lmforge_time_to_first_token_seconds", "lmforge_time_per_output_token_seconds", "lmforge_e2e_request_latency_seconds"
+    assert d[f"{ttft}_count"] == 1 and d[f"{e2e}_count"] == 1 and d[f"{gap}_count"] == 12 - 2
+    assert 0 < d[f"{ttft}_sum"] <= d[f"{e2e}_sum"] <= wall and 0 < d[f"{gap}_sum"] <= 2 * wall  # two samples side by side
+    for h in (ttft, gap, e2e):  # cumulative buckets, ending in +Inf = count
+        buckets = [v for k, v in after.items() if k.startswith(f"{h}_bucket")]
+        assert buckets == sorted(buckets) and after[f'{h}_bucket{{le="+Inf"}}'] == after[f"{h}_count"]
+    assert after["lmforge_requests_running"] == 0 and after["lmforge_requests_waiting"] == 0  # busy: test_serve_errors.py
+    assert after["lmforge_model_loaded"] == 1 and after["lmforge_prefix_cache_bytes"] > 0
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=5)
+    assert metrics_after(url, after, bad, 1)[bad] - after.get(bad, 0) == 1
+    text = httpx.get(url + "/metrics").text
+    assert "# TYPE lmforge_time_to_first_token_seconds histogram" in text and "# TYPE lmforge_requests_total counter" in text
 
 
 def test_concurrent_requests_share_the_batch(client, model, tok):
@@ -300,6 +341,34 @@ def test_tokenize_detokenize_embeddings(url, client, tok):
     assert e.usage.prompt_tokens == 2 * len(tok.encode("the quick fox")) + len(tok.encode("0123456789"))
 
 
+def test_embeddings_are_the_rag_indexs_embedder(tmp_path, url, tok):
+    """Without an index: hashed n-gram TF (NgramEmbedder), L2-normalised; with --rag-db: the
+    index's own embedder (here one of 256 dimensions), under its name or the served model's."""
+    from lmforge.prompting import rag
+    from lmforge.prompting.embed import NgramEmbedder
+
+    texts = ["the quick fox", "Bees make honey in hives."]
+
+    def reference(embedder):
+        v = embedder.embed(texts)
+        return torch.tensor(v / np.linalg.norm(v, axis=1, keepdims=True))
+
+    plain = httpx.post(url + "/v1/embeddings", json={"model": "tiny", "input": texts}).json()
+    assert torch.allclose(torch.tensor([d["embedding"] for d in plain["data"]]), reference(NgramEmbedder()), atol=1e-6)
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "bees", "title": "Bees", "text": "Bees make honey in hives."}) + "\n")
+    small = NgramEmbedder(dim=256, ngrams=(2, 3))
+    rag.index(tmp_path / "docs.db", [tmp_path / "docs.jsonl"], embedder=small)
+    with running_server(create_app(tiny_model(tok), tok, model_name="tiny", rag_db=tmp_path / "docs.db")) as u:
+        for name in ("tiny", small.name):
+            r = httpx.post(u + "/v1/embeddings", json={"model": name, "input": texts}).json()
+            assert r["model"] == name and [d["index"] for d in r["data"]] == [0, 1]
+            assert torch.allclose(torch.tensor([d["embedding"] for d in r["data"]]), reference(small), atol=1e-6)
+        r = httpx.post(u + "/v1/embeddings", json={"model": "tiny", "input": "x", "dimensions": 1024})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions" and "256" in r.json()["error"]["message"]
+        r = httpx.post(u + "/v1/embeddings", json={"model": "other", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
 # ---- tools: a scripted model calls the calculator, then answers from its result ----
 class ScriptedModel(Transformer):
     """A real tiny Transformer whose last logits are overwritten by `script(sequence) -> next id`
@@ -322,11 +391,14 @@ class ScriptedModel(Transformer):
         return logits, loss
 
 
-def call_then_answer(tok, call: dict):
-    """After the user's turn: 'Let me compute.' + <|tool_call|>call<|/tool_call|><|end|>; after a
-    tool turn: 'The answer is ' + the tool's result + <|end|>."""
+def call_then_answer(tok, *calls: dict):
+    """After the user's turn: 'Let me compute.' + <|tool_call|>call<|/tool_call|> for each call +
+    <|end|>; after a tool turn: 'The answer is ' + the (last) tool's result + <|end|>."""
     sp = tok.special_tokens
-    call_ids = tok.encode("Let me compute. ") + [sp["<|tool_call|>"]] + tok.encode(json.dumps(call)) + [sp["<|/tool_call|>"], sp["<|end|>"]]
+    call_ids = tok.encode("Let me compute. ")
+    for call in calls:
+        call_ids += [sp["<|tool_call|>"]] + tok.encode(json.dumps(call)) + [sp["<|/tool_call|>"]]
+    call_ids += [sp["<|end|>"]]
 
     def script(seq):
         done = seq[len(seq) - seq[::-1].index(sp["<|assistant|>"]):]
@@ -348,6 +420,45 @@ def tool_client(tok):
     model.init_weights(seed=0)
     with running_server(create_app(model.eval(), tok, model_name="scripted", max_batch_size=1)) as u:
         yield openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+TWO_CALLS = ({"name": "calculator", "arguments": {"expression": "6 * 7"}}, {"name": "search", "arguments": {"query": "rivers"}})
+
+
+@pytest.fixture(scope="module")
+def two_call_client(tok):
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=512,
+                                  norm="layernorm", activation="gelu")
+    model = ScriptedModel(cfg, call_then_answer(tok, *TWO_CALLS))
+    model.init_weights(seed=0)
+    with running_server(create_app(model.eval(), tok, model_name="scripted", max_batch_size=1)) as u:
+        yield openai.OpenAI(base_url=u + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_two_tool_calls_whole_and_streamed_per_index(two_call_client):
+    """Two calls in one reply: tool_calls[0] and [1] in order; streamed, each index opens with its
+    own id and name, then only its own argument fragments; both results go back, the model answers."""
+    messages = [{"role": "user", "content": "two things"}]
+    kw = dict(model="scripted", messages=messages, tools=TOOLS, max_tokens=200, temperature=0)
+    whole = two_call_client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Let me compute. "
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == \
+        [(c["name"], c["arguments"]) for c in TWO_CALLS]
+    assert len({c.id for c in whole.message.tool_calls}) == 2
+    chunks = list(two_call_client.chat.completions.create(**kw, stream=True))
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [d.index for d in deltas] == sorted(d.index for d in deltas) and {d.index for d in deltas} == {0, 1}
+    for i, call in enumerate(TWO_CALLS):
+        mine = [d for d in deltas if d.index == i]
+        assert mine[0].id.startswith("call_") and mine[0].function.name == call["name"] and mine[0].function.arguments == ""
+        assert len(mine) >= 3 and all(d.id is None and d.function.name is None for d in mine[1:])
+        assert json.loads("".join(d.function.arguments for d in mine[1:])) == call["arguments"]
+    assert len({d.id for d in deltas if d.id}) == 2 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    messages.append(whole.message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": whole.message.tool_calls[0].id, "content": "42"},
+                 {"role": "tool", "tool_call_id": whole.message.tool_calls[1].id, "content": "the Brarken river"}]
+    final = two_call_client.chat.completions.create(**{**kw, "messages": messages})
+    assert final.choices[0].message.content == "The answer is the Brarken river" and final.choices[0].finish_reason == "stop"
 
 
 def test_tool_call_round_trip(tool_client):
@@ -588,6 +699,25 @@ def test_bind_warning():
     assert bind_warning("127.0.0.2", None) is None  # all of 127/8 is loopback
     assert "without an API key" in bind_warning("0.0.0.0", None) and "--api-key-env" in bind_warning("192.168.1.5", None)
     assert bind_warning("0.0.0.0", "key") is None
+
+
+def test_cli_serve_binds_loopback_by_default_and_warns_otherwise(monkeypatch, capsys, tmp_path):
+    """`lmforge serve` hands uvicorn 127.0.0.1:8000 unless told otherwise; another address
+    without --api-key-env prints the warning first (uvicorn.run replaced: nothing is bound)."""
+    import lmforge.serve.server as server
+    from lmforge.cli import main
+
+    runs = []
+    monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: runs.append((app, kw)))
+    assert main(["serve", "--run", str(tmp_path)]) == 0
+    assert (runs[-1][1]["host"], runs[-1][1]["port"]) == ("127.0.0.1", 8000) and "warning" not in capsys.readouterr().err
+    assert main(["serve", "--run", str(tmp_path), "--host", "0.0.0.0", "--port", "9001"]) == 0
+    err = capsys.readouterr().err
+    assert (runs[-1][1]["host"], runs[-1][1]["port"]) == ("0.0.0.0", 9001)
+    assert err.startswith("warning: serving on 0.0.0.0 without an API key") and "--api-key-env" in err
+    monkeypatch.setenv("LMFORGE_TEST_KEY", "k")
+    assert main(["serve", "--run", str(tmp_path), "--host", "0.0.0.0", "--api-key-env", "LMFORGE_TEST_KEY"]) == 0
+    assert "warning" not in capsys.readouterr().err and runs[-1][0].state.lmforge.api_key == "k"
 
 
 def test_cli_serve_flags(monkeypatch, capsys):

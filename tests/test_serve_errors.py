@@ -129,6 +129,10 @@ def test_a_10_mb_body_is_413(url):
             yield b"x" * 2**20
     r = httpx.post(url + "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * (10 * 2**20)}])
+    assert e.value.status_code == 413 and e.value.body["code"] == "body_too_large" and "bytes" in e.value.body["message"]
     assert alive(url)
 
 
@@ -235,7 +239,7 @@ def test_health_is_503_until_the_model_is_loaded(tok):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    seen = []
+    seen, loading = [], []
 
     def probe():
         while True:
@@ -248,6 +252,7 @@ def test_health_is_503_until_the_model_is_loaded(tok):
             if r.status_code == 503 and not release.is_set():
                 status, body = post(f"http://127.0.0.1:{port}", {"model": "tiny", "messages": HELLO})
                 seen.append((status, body))
+                loading.append(gauge(f"http://127.0.0.1:{port}", "lmforge_model_loaded"))
                 release.set()
             if r.status_code == 200:
                 return
@@ -260,4 +265,5 @@ def test_health_is_503_until_the_model_is_loaded(tok):
         assert seen[0][0] == 503 and seen[0][1]["error"]["code"] == "model_not_ready"
         assert seen[1][0] == 503  # requests too, while loading
         assert seen[-1] == (200, {"status": "ok", "model": "tiny"})
+        assert loading == [0] and gauge(u, "lmforge_model_loaded") == 1  # /metrics answers while loading
         assert alive(u)
