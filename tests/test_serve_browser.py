@@ -1,6 +1,7 @@
 """The web chat page in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by
 Playwright opens the page served by `lmforge serve` on 127.0.0.1 and is used as a person would:
-API key, streamed reply, stop, edit and regenerate, a tool call, RAG citations, local storage.
+API key, system prompt and sampling controls (checked in the request bodies the page sends),
+streamed reply, stop, edit and regenerate, Regenerate, a tool call, RAG citations, local storage.
 Every request the page makes is recorded; one to any host but 127.0.0.1 fails the test.
 
 The model is tests/scripted_chat.py's (a tiny real Transformer whose replies are a known function
@@ -19,6 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from lmforge.data.chat import render_chat
 from lmforge.prompting import rag
 from lmforge.serve.app import create_app
 from lmforge.serve.server import running_server
@@ -44,7 +46,12 @@ WATCH = """() => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tok):
     docs = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     records = [{"id": "bees", "title": "Bees", "text": "Bees make honey in hives. A hive has a queen."},
                {"id": "owls", "title": "Owls", "text": "Owls hunt at night."}]
@@ -53,14 +60,19 @@ def server(tmp_path_factory):
     docs.write_text("".join(json.dumps(r) + "\n" for r in records))
     db = docs.with_suffix(".db")
     rag.index(db, [docs])
-    tok = tiny_tokenizer()
     app = create_app(scripted_chat_model(tok, delay=0.015), tok, model_name="scripted", api_key=KEY, rag_db=db)
     with running_server(app) as url:
         yield url
 
 
 @pytest.fixture
-def page(server):
+def sent():
+    """The bodies of the chat requests the page sent, in order."""
+    return []
+
+
+@pytest.fixture
+def page(server, sent):
     outside, problems = [], []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -69,6 +81,8 @@ def page(server):
 
         def route(r):
             if urlparse(r.request.url).hostname == "127.0.0.1":
+                if urlparse(r.request.url).path == "/v1/chat/completions":
+                    sent.append(json.loads(r.request.post_data))
                 r.continue_()
             else:
                 outside.append(r.request.url)
@@ -107,14 +121,16 @@ def running_requests(server) -> float:
     return float(re.search(r"^lmforge_requests_running (\S+)$", text, re.M).group(1))
 
 
-def test_chat_page_in_a_real_browser(server, page):
+def test_chat_page_in_a_real_browser(server, page, sent, tok):
     # the server wants a key: the page says so, and connects once it is given
     page.wait_for_function("document.getElementById('server-status').textContent.includes('needs an API key')")
     page.fill("#api-key", KEY)
     page.dispatch_event("#api-key", "change")
     page.wait_for_function("document.getElementById('model').value === 'scripted'")
-    page.fill("#max_tokens", "40")
-    page.dispatch_event("#max_tokens", "change")
+    for field, value in (("#max_tokens", "40"), ("#system", "Answer in French."), ("#temperature", "0.3"), ("#top_p", "0.8"),
+                         ("#seed", "7")):
+        page.fill(field, value)
+        page.dispatch_event(field, "change")
 
     # 1. streamed token by token: the text grows over many observations spread in time
     page.evaluate(WATCH)
@@ -126,7 +142,14 @@ def test_chat_page_in_a_real_browser(server, page):
     assert growth[-1][0] - growth[0][0] > 200  # ms: arrived over time, not in one piece
     text = last_assistant(page)
     assert text.startswith("one two three one two three")
-    assert "40 completion tokens" in page.locator(".message .meta").last.inner_text()
+    # the system prompt box and the sampling controls are what the request carried
+    body = sent[-1]
+    system = {"role": "system", "content": "Answer in French."}
+    assert body["messages"] == [system, {"role": "user", "content": "long: one two three"}]
+    assert (body["temperature"], body["top_p"], body["seed"], body["max_tokens"]) == (0.3, 0.8, 7, 40)
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    n_prompt = len(render_chat(tok, body["messages"], add_generation_prompt=True)[0])  # the system turn reached the model
+    assert page.locator(".message .meta").last.inner_text() == f"{n_prompt} prompt + 40 completion tokens"
     # the answer said the server has a RAG index (nothing in it matched): the switch appears; off for now
     assert page.is_visible("#rag-row")
     page.uncheck("#rag")
@@ -165,6 +188,11 @@ def test_chat_page_in_a_real_browser(server, page):
     assert page.locator(".message").count() == 2
     assert page.locator('.message[data-role="user"] .content').inner_text() == "goodbye world"
     assert last_assistant(page) == "goodbye world"  # the echo of the edited message
+    assert sent[-1]["messages"] == [system, {"role": "user", "content": "goodbye world"}]  # later messages dropped
+    page.locator('.message[data-role="assistant"] button.regenerate').click()  # the last reply again, from its user turn
+    wait_idle(page)
+    assert page.locator(".message").count() == 2 and last_assistant(page) == "goodbye world"
+    assert sent[-1]["messages"] == sent[-2]["messages"]  # the old reply was not sent back
 
     # 4. a tool call and its result are shown; the page runs the calculator and the reply continues
     page.check("#calculator")
@@ -204,6 +232,8 @@ def test_chat_page_in_a_real_browser(server, page):
     # 6. conversations are kept in local storage: a reload shows them again
     page.reload()
     page.wait_for_function("document.getElementById('model').value === 'scripted'")  # the key was kept too
+    assert [page.input_value(f) for f in ("#system", "#temperature", "#top_p", "#max_tokens", "#seed")] == \
+        ["Answer in French.", "0.3", "0.8", "900", "7"]  # and the settings
     assert page.locator("#conversations li").count() == 3
     assert last_assistant(page).startswith("[1] Bees: Bees make honey in hives.")
     page.locator("#conversations li").nth(1).click()
