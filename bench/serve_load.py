@@ -13,7 +13,8 @@ Starts `lmforge serve` as a subprocess on a free port of 127.0.0.1 (or uses --ur
    CPU per event as the engine per token, on the CPUs the server shares);
 3. the engine's own offline throughput at the same batch size (Engine.generate on --clients
    prompts in this process, the server idle), the reference for the server's overhead.
-Prints one JSON line. Stops by itself: every phase has a deadline, every request a timeout.
+Prints one JSON line; exits 1 on any error or when the server's memory grew past
+--max-rss-growth-mb after warm-up. Stops by itself: every phase has a deadline, every request a timeout.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup-seconds", type=float, default=5.0, help="RSS growth is measured after this")
+    ap.add_argument("--max-rss-growth-mb", type=float, default=64.0,
+                    help="the bound on the server's resident-memory growth after warm-up (exit 1 past it)")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="load generator: lean asyncio streams (default) or httpx (costs the shared CPUs far more)")
     args = ap.parse_args()
@@ -264,12 +267,13 @@ def main() -> int:
         "rss_mb_start": round(rss[0], 1) if rss else None, "rss_mb_after_warmup": round(after, 1) if rss else None,
         "rss_mb_end": round(rss[-1], 1) if rss else None, "rss_mb_max": round(max(rss), 1) if rss else None,
         "rss_growth_after_warmup_mb": round(max(rss) - after, 1) if rss else None,
+        "rss_bound_mb": args.max_rss_growth_mb, "rss_flat": (max(rss) - after <= args.max_rss_growth_mb) if rss else None,
         # CPU per generated token (robust to other load on the machine): the server process while
         # the clients ran, the load generator, and the engine offline
         "client": args.client, "server_cpu_us_per_token": round(1e6 * server_cpu / load["tokens"]) if server_cpu and load["tokens"] else None,
         "client_cpu_us_per_token": round(1e6 * load["client_cpu_s"] / load["tokens"]) if load["tokens"] else None,
         "offline_cpu_us_per_token": round(1e6 * offline_cpu_per_token)}))
-    return 1 if load["errors"] or single["errors"] else 0
+    return 1 if load["errors"] or single["errors"] or (rss and max(rss) - after > args.max_rss_growth_mb) else 0
 
 
 if __name__ == "__main__":
