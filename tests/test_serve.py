@@ -459,6 +459,18 @@ def test_two_tool_calls_whole_and_streamed_per_index(two_call_client):
                  {"role": "tool", "tool_call_id": whole.message.tool_calls[1].id, "content": "the Brarken river"}]
     final = two_call_client.chat.completions.create(**{**kw, "messages": messages})
     assert final.choices[0].message.content == "The answer is the Brarken river" and final.choices[0].finish_reason == "stop"
+    for stream in (False, True):  # parallel_tool_calls false: the reply ends with its first call
+        r = two_call_client.chat.completions.create(**{**kw, "messages": messages[:1]}, parallel_tool_calls=False, stream=stream)
+        if stream:
+            r = [c for c in r]
+            deltas = [d for c in r for d in (c.choices[0].delta.tool_calls or [])]
+            assert {d.index for d in deltas} == {0} and deltas[0].function.name == "calculator"
+            assert json.loads("".join(d.function.arguments for d in deltas)) == TWO_CALLS[0]["arguments"]
+            assert r[-1].choices[0].finish_reason == "tool_calls"
+        else:
+            (call,) = r.choices[0].message.tool_calls
+            assert (call.function.name, json.loads(call.function.arguments)) == ("calculator", TWO_CALLS[0]["arguments"])
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Let me compute. "
 
 
 def test_tool_call_round_trip(tool_client):
@@ -641,7 +653,9 @@ def test_logprobs_and_top_logprobs(client, model, tok):
 
 
 # ---- RUN directories: lmforge run, quantized run, HF checkpoint with its own template ----
-HF_TEMPLATE = ("{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
+HF_TEMPLATE = ("{% if tools %}{{ '<|system|>tools: ' ~ (tools | map(attribute='function') | map(attribute='name') | join(', ')) "
+               "~ '<|end|>' }}{% endif %}"
+               "{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
@@ -685,9 +699,11 @@ def test_serving_run_directories(tmp_path, model, tok):
         ids = httpx.post(u + "/tokenize", json={"messages": HELLO}).json()["tokens"]
         text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in HELLO) + "<|assistant|>"
         assert ids == tok.encode(text, allowed_special="all") and ids != chat_ids(tok, HELLO)  # its own template, no BOS
-        r = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0).chat.completions.create(
-            model="hf-tiny", messages=HELLO, max_tokens=4, temperature=0)
+        c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="hf-tiny", messages=HELLO, max_tokens=4, temperature=0)
         assert r.usage.prompt_tokens == len(ids)
+        r = c.chat.completions.create(model="hf-tiny", messages=HELLO, tools=TOOLS, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(tok.encode("<|system|>tools: calculator, search<|end|>" + text, allowed_special="all"))
     with pytest.raises(FileNotFoundError):
         running_server(tmp_path / "missing").__enter__()
 

@@ -86,7 +86,8 @@ def render(served: ServedModel, messages: list[dict], tools: list[dict] | None) 
 
 def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: int, messages: list[dict],
               citations: list | None = None) -> Plan:
-    """Prompt ids and params of a chat request: tools, tool_choice, response_format, logprobs."""
+    """Prompt ids and params of a chat request: tools, tool_choice (parallel_tool_calls false: at
+    most one call), response_format, logprobs."""
     tools = [t.model_dump(by_alias=True) for t in body.tools or []]
     names = [t["function"]["name"] for t in tools]
     choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
@@ -102,6 +103,8 @@ def chat_plan(served: ServedModel, body: ChatCompletionRequest, max_batch_size: 
                             "</tool_call>)", param="tools")
     if choice == "none" and tool_ids is not None:
         extra["logit_bias"] = {tool_ids[0]: -100.0}  # no call can start
+    elif not body.parallel_tool_calls:
+        stop_ids = stop_ids + [tool_ids[1]]  # at most one call: the sample ends at the first call's close
     elif choice == "required" or not isinstance(choice, str):
         name = None if isinstance(choice, str) else choice.function.name
         if name is not None and name not in names:
