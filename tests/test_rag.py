@@ -2,6 +2,7 @@
 hostile queries, incremental re-indexing, a SIGKILL mid-index, bad databases, grounded prompts."""
 
 import json
+import random
 import re
 import signal
 import sqlite3
@@ -328,3 +329,28 @@ def test_hidden_state_embedder(tmp_path):
     with sqlite3.connect(db) as conn:
         stored = json.loads(dict(conn.execute("SELECT key, value FROM meta").fetchall())["config"])["embedder"]
     assert stored == {"name": "hidden-states", "run": str(run), "dim": 32}
+
+
+def test_bm25_equals_fts5(tmp_path):
+    """The numpy BM25 on cached postings ranks and scores as FTS5's own bm25() over every match."""
+    rng = random.Random(0)
+    common, rare = ["river", "city", "north", "colour", "year"], [f"name{i}" for i in range(40)]
+    lines = [json.dumps({"text": " ".join(rng.choice(common) for _ in range(rng.randint(3, 12))) + " "
+                         + " ".join(rng.choice(rare) for _ in range(rng.randint(0, 2)))}) for _ in range(400)]
+    _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    db = tmp_path / "p.db"
+    rag.index(db, [tmp_path / "d.jsonl"])
+    with rag.Index(db) as ix:
+        n = ix.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        for _ in range(40):
+            words = rng.sample(common, rng.randint(1, 3)) + rng.sample(rare, rng.randint(0, 2))
+            df = dict(ix.conn.execute("SELECT term, doc FROM chunks_vocab").fetchall())
+            useful = [w for w in words if 0 < df.get(w, 0) < n / 2]
+            kept = useful or [w for w in words if w in df]
+            every = ix.conn.execute("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?",
+                                    (rag.fts_query(kept),)).fetchall()
+            every = sorted(((r, -s) for r, s in every), key=lambda rs: (-rs[1], rs[0]))
+            for limit in (1, 5, 50):
+                got = ix.bm25(" ".join(words), limit)
+                assert [c for c, _ in got] == [c for c, _ in every[:limit]], (words, limit)
+                assert [s for _, s in got] == pytest.approx([s for _, s in every[:limit]], rel=1e-9, abs=1e-12)

@@ -137,6 +137,17 @@ def tfidf_scores(query_tf: np.ndarray, matrix: np.ndarray, row_norms: np.ndarray
     return (matrix @ (q * idf)) / (row_norms * qn)  # (n_chunks,)
 
 
+def tfidf_scores_by_columns(query_tf: np.ndarray, columns: np.ndarray, row_norms: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """`tfidf_scores` on the matrix stored by columns (dim, n_chunks), reading only the columns
+    of the query's non-zero buckets: a 10-word question touches ~10% of a 1024-bucket matrix."""
+    q = query_tf * idf
+    qn = float(np.linalg.norm(q))
+    if qn == 0.0:
+        return np.zeros(columns.shape[1], dtype=np.float32)
+    nz = np.flatnonzero(q)
+    return (q[nz] * idf[nz]) @ columns[nz] / (row_norms * qn)  # (n_chunks,)
+
+
 def row_norms(matrix: np.ndarray, idf: np.ndarray) -> np.ndarray:
     """|d * idf| for each row of matrix (n, dim), never 0 (an empty row scores 0, not NaN)."""
     return np.maximum(np.sqrt((matrix * matrix) @ (idf * idf)), 1e-12).astype(np.float32)
