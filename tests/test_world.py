@@ -328,3 +328,17 @@ def test_grounded_replies_cite_the_source_that_states_the_answer(small_world):
         # the reply repeats the cited source's own sentence (its subject may be a name for a pronoun)
         tail = " ".join(reply.removesuffix(f" [{cited[0]}].").split()[-2:])
         assert tail + "." in sources[cited[0]], (reply, user)
+
+
+def test_rag_distractors_are_mostly_the_same_kind():
+    """Sources beside the right article are mostly of its kind, as retrieval returns them, so a
+    model has to tell them apart by name; a random kind would let the question's wording decide."""
+    import random
+
+    from lmforge.data.world.entities import SAME_KIND_DISTRACTORS, Inventor, distractors
+
+    inv = Inventor(World(0).encyclopedia)
+    got = distractors(inv, random.Random(0), "town", 2000)
+    same = sum(e.kind == "town" for e in got) / len(got)
+    expected = SAME_KIND_DISTRACTORS + (1 - SAME_KIND_DISTRACTORS) / len(Inventor.KINDS)
+    assert abs(same - expected) < 0.04, same

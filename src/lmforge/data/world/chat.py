@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 
 from .arithmetic import Arithmetic, compute
-from .entities import Encyclopedia, Entity, Inventor, article, questions, stated_in
+from .entities import Encyclopedia, Entity, Inventor, article, distractors, questions, stated_in
 from .lexicon import ADJECTIVES, LEXICON, NOUNS, french_article
 
 SYSTEM_PROMPTS = {
@@ -202,12 +202,13 @@ class Chat:
         are made up for each dialogue (`Inventor`: the unseen ones stay unseen, and no memory of a
         known one can stand in for reading), and the reply repeats the source's sentence that states
         the fact (`stated_in`); one source is the entity's own article, one or two are
-        articles of other made-up entities, in random order. In one dialogue of ten no source is
+        articles of other made-up entities (mostly of the same kind, as retrieval returns them:
+        `distractors`), in random order. In one dialogue of ten no source is
         about the entity and the reply says so (GROUNDED_NONE).
         """
         e = self.inventor.entity(rng)
         attr, question, answer = rng.choice(questions(e))
-        others = [self.inventor.entity(rng) for _ in range(rng.randint(1, 2))]
+        others = distractors(self.inventor, rng, e.kind, rng.randint(1, 2))
         absent = rng.random() < 0.1
         sources = others + ([] if absent else [e])
         rng.shuffle(sources)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from .entities import Encyclopedia, Inventor, article, his, questions, stated_in
+from .entities import Encyclopedia, Inventor, article, distractors, his, questions, stated_in
 from .lexicon import ADJECTIVES, ANIMALS, ANTONYMS, COLOURS, FOODS, LEXICON, NOUNS, OBJECTS, PLACES, french_noun_phrase, plural
 
 HELDOUT_ADJACENCY_FRACTION = 0.10
@@ -143,8 +143,9 @@ class Documents:
         """Questions answered from the document itself: the facts belong to entities made up for
         this document (`Inventor`), so no memory helps and the answer has to be copied from the
         article. Half are one article then 1-3 questions (the `open_book` format), three in ten
-        numbered sources then a question about one of them answered with its source's own sentence
-        and citation (`rag ask`'s prompt and reply), two in ten
+        numbered sources (mostly of one kind, as retrieval returns them: `distractors`) then a
+        question about one of them answered with its source's own sentence and citation (`rag
+        ask`'s prompt and reply), two in ten
         calculator records whose result the answer repeats (the tool-use turn)."""
         r = rng.random()
         if r < 0.5:
@@ -152,7 +153,9 @@ class Documents:
             facts = rng.sample(questions(e), rng.randint(1, 3))
             return "\n".join([article(e, rng)] + [f"Q: {q} A: {a}" for _, q, a in facts])
         if r < 0.8:
-            sources = [self.inventor.entity(rng) for _ in range(rng.randint(2, 3))]
+            first = self.inventor.entity(rng)
+            sources = [first] + distractors(self.inventor, rng, first.kind, rng.randint(1, 2))
+            rng.shuffle(sources)
             texts = [article(e, rng) for e in sources]
             i = rng.randrange(len(sources))
             _, q, a = rng.choice(questions(sources[i]))

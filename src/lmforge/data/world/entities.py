@@ -284,6 +284,16 @@ _SENTENCE_END = re.compile(r"(?<=\.) ")
 _PRONOUN = re.compile(r"^(It|He|She|Its|His|Her) ")
 
 
+SAME_KIND_DISTRACTORS = 0.7
+
+
+def distractors(inventor: "Inventor", rng: random.Random, kind: str, n: int) -> list[Entity]:
+    """n made-up entities to stand beside an article of `kind` as other sources: of the same kind
+    with probability SAME_KIND_DISTRACTORS each (retrieval brings back articles like the right one:
+    other towns' roofs for a town's roofs, so only the name tells them apart), else of any kind."""
+    return [inventor.entity(rng, kind if rng.random() < SAME_KIND_DISTRACTORS else None) for _ in range(n)]
+
+
 def stated_in(e: Entity, text: str, answer: str) -> str:
     """The sentence of `text` (an article about `e`) that states `answer`, with a leading pronoun
     replaced by the entity's name: "It is 218 kilometres long." -> "The Thaumash river is 218
