@@ -56,6 +56,20 @@ def test_unknown_target_lists_names():
         apply_lora(tiny(), LoRAConfig(targets=("q_proj", "qkv")))
 
 
+def test_tied_head_target_is_an_error_and_untied_head_merges():
+    tied = tiny(tie_embeddings=True)
+    with pytest.raises(ValueError, match=r"LoRA target 'lm_head' shares its weight with embed_tokens.weight"):
+        apply_lora(tied, LoRAConfig(rank=4, targets=("q_proj", "lm_head")))
+    assert not any(isinstance(m, LoRALinear) for m in tied.modules())  # refused before anything was replaced
+    model = lora_model(targets=("q_proj", "lm_head"))  # untied (the tiny preset's default): the head merges exactly
+    idx = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        before = model(idx)[0]
+        after = merge_lora(model)(idx)[0]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.embed_tokens.weight, tiny().embed_tokens.weight, rtol=0, atol=0)
+
+
 def test_save_load_roundtrip(tmp_path):
     model = lora_model()
     save_adapter(model, tmp_path / "a", base="runs/base")

@@ -74,13 +74,30 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name})
 
 
+def _shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """{module name: the other parameter names of its weight} for Linears whose weight is tied,
+    e.g. {'lm_head': ['embed_tokens.weight']} when tie_embeddings is on."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {name: [n for n in names[id(m.weight)] if n != f"{name}.weight"] for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and len(names.get(id(m.weight), ())) > 1}
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replace every Linear whose last name is in config.targets by a LoRALinear; freeze the rest.
-    A target that matches no module is an error listing the names there are."""
+    A target that matches no module is an error listing the names there are; so is a target whose
+    weight is tied to another parameter (a tied lm_head): merging W + (alpha/r) B A into it would
+    change the embedding too, so the merged model would differ from the adapter's."""
     available = linear_names(model)
     unknown = [t for t in config.targets if t not in available]
     if unknown or not config.targets:
         raise ValueError(f"LoRA targets {unknown or list(config.targets)} match no Linear module; available: {', '.join(available)}")
+    tied = {name: others for name, others in _shared_weights(model).items() if name.rsplit(".", 1)[-1] in config.targets}
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied embeddings): an update merged "
+                         f"into it would change that too; leave {name.rsplit('.', 1)[-1]!r} out of the targets")
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.rsplit(".", 1)[-1] in config.targets:
