@@ -16,6 +16,7 @@ batch size (rows of --seq-len tokens), optimizer steps, AdamW, lr and clipping:
 Reported:
 1. template: render_chat's (ids, mask) vs the HF tokenizer's apply_chat_template(...,
    return_assistant_tokens_mask=True) on every conversation (the mismatches are counted).
+   packed_rows / packing_fill: rows each packer makes and their share of non-pad tokens.
 2. first-batch loss: TRL's compute_loss on its own first packed batch vs lmforge's
    Transformer on the same token ids, positions and segments (labels shifted once), same weights.
 3. tokens/s: non-pad tokens fed to the model per second (TRL: state.num_input_tokens_seen with
@@ -183,6 +184,8 @@ def main() -> None:
         "conversations": len(conversations), "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
         "torch_threads": torch.get_num_threads(), "template_mismatches": mismatches,
         "packed_rows": {"trl": len(trainer.train_dataset), "lmforge": len(rows)},
+        "packing_fill": {"trl": sum(len(r["input_ids"]) for r in trainer.train_dataset) / (len(trainer.train_dataset) * args.seq_len),
+                         "lmforge": sum(r["length"] for r in rows) / (len(rows) * args.seq_len)},
         "first_batch_loss": {"trl": trl_loss, "lmforge": our_loss, "abs_diff": abs(trl_loss - our_loss)},
         "tokens_per_s": {"trl": trl_tokens / trl_s, "lmforge": our_tokens / our_s, "ratio": ratio(our_tokens / our_s, trl_tokens / trl_s),
                          "trl_tokens": trl_tokens, "lmforge_tokens": our_tokens, "trl_s": trl_s, "lmforge_s": our_s,
