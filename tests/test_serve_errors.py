@@ -76,6 +76,30 @@ def test_invalid_fields_are_400_naming_the_field(url, change, param):
     assert param.split(".")[0].split("[")[0] in body["error"]["message"]
 
 
+OTHER_CASES = [  # (path, body, param named in the error, status)
+    ("/v1/completions", {"model": "tiny", "prompt": 5}, "prompt", 400),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, "prompt", 400),
+    ("/v1/completions", {"model": "tiny", "prompt": [10**6]}, "prompt", 400),  # not a token id of the model
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "logprobs": 21}, "logprobs", 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": -5}, "max_tokens", 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "a", "echo": "loud"}, "echo", 400),
+    ("/v1/completions", {"model": "nope", "prompt": "a"}, "model", 404),
+    ("/v1/embeddings", {"model": "tiny", "input": []}, "input", 400),
+    ("/v1/embeddings", {"model": "tiny", "input": "a", "encoding_format": "hex"}, "encoding_format", 400),
+    ("/v1/embeddings", {"model": "nope", "input": "a"}, "model", 404),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role", 400),
+    ("/tokenize", {"model": "nope", "prompt": "a"}, "model", 404),
+    ("/detokenize", {"tokens": [-1]}, "tokens[0]", 400),
+]
+
+
+@pytest.mark.parametrize("path, change, param, status", OTHER_CASES, ids=[f"{c[0]}:{c[2]}" for c in OTHER_CASES])
+def test_other_endpoints_name_the_field(url, path, change, param, status):
+    got, body = post(url, change, path)
+    assert got == status and body["error"]["param"] == param, body
+    assert alive(url)
+
+
 def test_malformed_bodies(url):
     for raw in (b"{not json", b'{"model": "tiny", "messages": [', b"\xff\xfe", b"[1, 2]", b"null", b""):
         status, body = post(url, raw)
@@ -160,13 +184,13 @@ class SlowModel(Transformer):
         return super().forward(*args, **kwargs)
 
 
-def slow_app(tok, **options):
+def slow_app(tok, max_batch_size=1, **options):
     cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=256,
                                   norm="layernorm", activation="gelu")  # not the lean DecodeStep: forward() runs every step
     torch.manual_seed(0)
     model = SlowModel(cfg)
     model.init_weights(seed=0)
-    return create_app(model.eval(), tok, model_name="tiny", max_batch_size=1, **options)
+    return create_app(model.eval(), tok, model_name="tiny", max_batch_size=max_batch_size, **options)
 
 
 def gauge(url, name):
@@ -181,6 +205,25 @@ def wait_for(cond, timeout=10.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def test_concurrent_requests_decode_in_one_batch(tok):
+    """Three clients at once are three rows of the one batch at the same time (not queued one
+    after another), and each gets all its tokens."""
+    with running_server(slow_app(tok, max_batch_size=4)) as u:
+        results = []
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 60, "logit_bias": {str(tok.eos_id): -100}}  # all 60 tokens
+
+        def ask():
+            r = httpx.post(u + "/v1/completions", json=body, timeout=60)
+            results.append(r.json()["usage"]["completion_tokens"] if r.status_code == 200 else r.status_code)
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 3)
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [60, 60, 60]
 
 
 def test_full_queue_is_429_and_a_dropped_stream_frees_its_row(tok):
