@@ -708,6 +708,24 @@ def test_serving_run_directories(tmp_path, model, tok):
         running_server(tmp_path / "missing").__enter__()
 
 
+def test_chat_page_is_self_contained(url):
+    """GET / is the static page; everything it references is served here (the browser test also
+    watches every request in Chromium); no file names another host; its CSP allows 'self' only."""
+    import re
+
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.text and "connect-src 'self'" in page.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sorted(refs) == ["/static/app.js", "/static/style.css"]
+    files = {ref: httpx.get(url + ref) for ref in refs}
+    assert all(r.status_code == 200 and len(r.text) > 1000 for r in files.values())
+    for text in [page.text, *(r.text for r in files.values())]:
+        assert not re.search(r"https?://|(?<![:/\w])//[a-z0-9.-]+\.[a-z]{2,}|@import|url\(", text, re.I), "an outside reference"
+    fetched = re.findall(r'fetch\(\s*["`]([^"`]+)', files["/static/app.js"].text)
+    assert fetched and all(f.startswith("/v1/") for f in fetched)  # the page talks to this server's API only
+
+
 def test_bind_warning():
     from lmforge.serve.server import bind_warning
 
