@@ -752,6 +752,10 @@ def test_cli_serve_binds_loopback_by_default_and_warns_otherwise(monkeypatch, ca
     monkeypatch.setenv("LMFORGE_TEST_KEY", "k")
     assert main(["serve", "--run", str(tmp_path), "--host", "0.0.0.0", "--api-key-env", "LMFORGE_TEST_KEY"]) == 0
     assert "warning" not in capsys.readouterr().err and runs[-1][0].state.lmforge.api_key == "k"
+    (tmp_path / "docs.db").touch()
+    assert main(["serve", "--run", str(tmp_path), "--rag-db", str(tmp_path / "docs.db"), "--max-queue", "5", "--max-batch-size", "3"]) == 0
+    state = runs[-1][0].state.lmforge
+    assert (str(state.rag_db), state.max_queue, state.max_batch_size, state.api_key) == (str(tmp_path / "docs.db"), 5, 3, None)
 
 
 def test_cli_serve_flags(monkeypatch, capsys):

@@ -170,6 +170,11 @@ def test_api_key(tok):
             openai.OpenAI(base_url=u + "/v1", api_key="nope", max_retries=0).models.list()
         assert openai.OpenAI(base_url=u + "/v1", api_key="s3cret", max_retries=0).models.list().data[0].id == "tiny"
         assert httpx.get(u + "/metrics").status_code == 401
+        for path, body in (("/v1/chat/completions", {"model": "tiny", "messages": HELLO}), ("/v1/completions", {"model": "tiny", "prompt": "a"}),
+                           ("/v1/embeddings", {"model": "tiny", "input": "a"}), ("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
+            status, answer = post(u, body, path, headers={"authorization": "Bearer wrong"})
+            assert status == 401 and answer["error"]["type"] == "authentication_error", path
+        assert httpx.get(u + "/").status_code == 200  # the page itself needs no key (it asks for one)
         assert alive(u, headers={"authorization": "Bearer s3cret"})
 
 
