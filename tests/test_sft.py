@@ -17,7 +17,9 @@ from lmforge.infer import load_run
 from lmforge.model import ModelConfig, Transformer, save_pretrained
 from lmforge.tokenizer import SPECIAL_TOKENS, train as train_tokenizer
 from lmforge.train.loop import TrainConfig
-from lmforge.train.sft import IGNORE, SFTBatches, SFTConfig, collate, pack, pad_rows, read_conversations, sft, sft_objective
+from lmforge.model.lora import DEFAULT_TARGETS
+from lmforge.train.sft import (IGNORE, SFT_LORA_LR, SFT_TRAIN_DEFAULTS, SFTBatches, SFTConfig, collate, pack, pad_rows,
+                               read_conversations, resolve_lora, sft, sft_objective)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,27 @@ def test_lora_sft_writes_peft_adapter_and_merges(base, tmp_path):
     # only q_proj / v_proj changed
     for (n, p), q in zip(merged.named_parameters(), base_model.parameters()):
         assert torch.equal(p, q) == ("q_proj" not in n and "v_proj" not in n), n
+
+
+def test_lora_defaults_from_the_cli(base, tmp_path):
+    """`lmforge sft --lora-rank 4` alone: lr SFT_LORA_LR, alpha 2 * rank, the projections and lm_head
+    (an lmforge base with an untied head); a tied or HF base leaves lm_head out; given values win."""
+    run, data, _ = base
+    from lmforge.cli import main
+
+    out = tmp_path / "lora"
+    assert main(["sft", "--run", str(run), "--out", str(out), "--data", str(data), "--lora-rank", "4", "--seq-len", "192",
+                 "--max-steps", "1", "--eval-examples", "0", "--eval-interval", "0", "--ckpt-interval", "0", "--precision", "fp32",
+                 "--quiet"]) == 0
+    resolved = json.loads((out / "sft_config.json").read_text())
+    assert resolved["train"]["lr"] == SFT_LORA_LR != SFT_TRAIN_DEFAULTS["lr"]
+    assert resolved["sft"]["lora_alpha"] == 8.0 and resolved["sft"]["lora_targets"] == [*DEFAULT_TARGETS, "lm_head"]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["lora_alpha"] == 8.0 and adapter["target_modules"] == [*DEFAULT_TARGETS, "lm_head"]
+    assert resolve_lora(SFTConfig(lora_rank=4), hf_base=False, tied_head=True).targets == DEFAULT_TARGETS
+    assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False).targets == DEFAULT_TARGETS
+    given = resolve_lora(SFTConfig(lora_rank=4, lora_alpha=3.0, lora_targets=("q_proj",)), hf_base=False, tied_head=False)
+    assert (given.alpha, given.targets) == (3.0, ("q_proj",))
 
 
 def test_lora_unknown_target_is_an_error(base, tmp_path):

@@ -35,7 +35,8 @@ from lmforge.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, grpo
 from lmforge.train.logps import read_preferences, tokenize_preferences
 from lmforge.train.ppo import PPO_TRAIN_DEFAULTS, PPOConfig, ppo
 from lmforge.train.reward import REWARD_TRAIN_DEFAULTS, RewardConfig, RewardScorer, pairwise_accuracy, reward
-from lmforge.train.sft import SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_conversations, sft, write_tokenizer_files
+from lmforge.train.sft import (SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_conversations, sft, sft_train_defaults,
+                               write_tokenizer_files)
 
 
 # ---- sft ----
@@ -56,7 +57,8 @@ def cmd_sft(args) -> int:
     train_args = given(args, TrainConfig)
     if "max_time" in train_args:
         train_args["max_time"] = parse_duration(train_args["max_time"])
-    summary = sft(args.run, args.out, SFTConfig(**given(args, SFTConfig)), TrainConfig(**{**SFT_TRAIN_DEFAULTS, **train_args}),
+    config = SFTConfig(**given(args, SFTConfig))
+    summary = sft(args.run, args.out, config, TrainConfig(**{**sft_train_defaults(config.lora_rank), **train_args}),
                   resume=args.resume, progress=not args.quiet, log=lambda s: None)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}))
     return 0
