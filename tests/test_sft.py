@@ -170,7 +170,7 @@ def test_lora_sft_writes_peft_adapter_and_merges(base, tmp_path):
 
 
 def test_lora_defaults_from_the_cli(base, tmp_path):
-    """`lmforge sft --lora-rank 4` alone: lr SFT_LORA_LR, alpha 2 * rank, the projections and lm_head
+    """`lmforge sft --lora-rank 4` alone: lr SFT_LORA_LR, alpha 32, the projections and lm_head
     (an lmforge base with an untied head); a tied or HF base leaves lm_head out; given values win."""
     run, data, _ = base
     from lmforge.cli import main
@@ -181,9 +181,9 @@ def test_lora_defaults_from_the_cli(base, tmp_path):
                  "--quiet"]) == 0
     resolved = json.loads((out / "sft_config.json").read_text())
     assert resolved["train"]["lr"] == SFT_LORA_LR != SFT_TRAIN_DEFAULTS["lr"]
-    assert resolved["sft"]["lora_alpha"] == 8.0 and resolved["sft"]["lora_targets"] == [*DEFAULT_TARGETS, "lm_head"]
+    assert resolved["sft"]["lora_alpha"] == 32.0 and resolved["sft"]["lora_targets"] == [*DEFAULT_TARGETS, "lm_head"]
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["lora_alpha"] == 8.0 and adapter["target_modules"] == [*DEFAULT_TARGETS, "lm_head"]
+    assert adapter["lora_alpha"] == 32.0 and adapter["target_modules"] == [*DEFAULT_TARGETS, "lm_head"]
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=False, tied_head=True).targets == DEFAULT_TARGETS
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False).targets == DEFAULT_TARGETS
     given = resolve_lora(SFTConfig(lora_rank=4, lora_alpha=3.0, lora_targets=("q_proj",)), hf_base=False, tied_head=False)

@@ -37,8 +37,9 @@ from lmforge.train.sampler import EpochOrder, rank_slice
 IGNORE = -100
 
 
-# LoRA's lr when none is given: ~10x full fine-tuning's, as PEFT / TRL users set it (a rank-r
-# update starting from B = 0 moves slowly); measured on the demo's small base in docs/alignment.md
+# LoRA's lr when none is given: ~10x full fine-tuning's ("LoRA Without Regret", Thinking Machines
+# 2025: the best LoRA lr is ~10x full FT's with alpha fixed at 32 and the 1/rank factor, across
+# ranks); the demo's small base wants more (docs/alignment.md)
 SFT_LORA_LR = 1e-3
 
 
@@ -52,7 +53,7 @@ class SFTConfig:
     eval_examples: int = field(default=64, metadata={"help": "held-out conversations (loss and end-of-turn rate)"})
     eot_max_tokens: int = field(default=96, metadata={"help": "greedy tokens per held-out answer for the end-of-turn rate"})
     lora_rank: int = field(default=0, metadata={"help": f"LoRA rank (0: full fine-tuning); with LoRA --lr defaults to {SFT_LORA_LR:g}"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scaling alpha/rank); none: 2 * rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scaling alpha/rank; a fixed alpha keeps the best lr about the same across ranks)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear names LoRA wraps; none: the attention "
                                                  "and MLP projections, plus lm_head on an lmforge base with an untied head"})
@@ -69,7 +70,7 @@ def sft_train_defaults(lora_rank: int = 0) -> dict:
 
 
 def resolve_lora(config: SFTConfig, hf_base: bool, tied_head: bool) -> LoRAConfig:
-    """The LoRAConfig SFT applies: alpha none -> 2 * rank; targets none -> DEFAULT_TARGETS, plus
+    """The LoRAConfig SFT applies: targets none -> DEFAULT_TARGETS, plus
     lm_head on an lmforge base whose head is not tied to the embedding. Such a base was pretrained
     on plain text and never predicted <|end|> or followed <|assistant|>: without lm_head the
     projections barely move those logits and the loss stalls (3.44 vs full SFT's 0.80 on the
@@ -77,8 +78,7 @@ def resolve_lora(config: SFTConfig, hf_base: bool, tied_head: bool) -> LoRAConfi
     targets = config.lora_targets
     if targets is None:
         targets = DEFAULT_TARGETS + (("lm_head",) if not hf_base and not tied_head else ())
-    alpha = config.lora_alpha if config.lora_alpha is not None else 2.0 * config.lora_rank
-    return LoRAConfig(config.lora_rank, alpha, config.lora_dropout, tuple(targets))
+    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(targets))
 
 
 # ---- data ----
@@ -347,7 +347,7 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
     model = base.model
     if config.lora_rank:
         lora = resolve_lora(config, base.hf, model.config.tie_embeddings)
-        config = replace(config, lora_alpha=lora.alpha, lora_targets=lora.targets)  # sft_config.json: what ran
+        config = replace(config, lora_targets=lora.targets)  # sft_config.json: what ran
         apply_lora(model, lora)
     data = SFTBatches(rows, config.batch_size, seed=train_config.seed, rank=rank, world=world, device=device)
     resolved = {"base": str(base_path), "hf_base": base.hf, "sft": asdict(config), "train": asdict(train_config),
