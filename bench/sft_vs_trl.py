@@ -18,7 +18,9 @@ Reported:
    return_assistant_tokens_mask=True) on every conversation (the mismatches are counted).
    packed_rows / packing_fill: rows each packer makes and their share of non-pad tokens.
 2. first-batch loss: TRL's compute_loss on its own first packed batch vs lmforge's
-   Transformer on the same token ids, positions and segments (labels shifted once), same weights.
+   Transformer on the same token ids, positions and segments (labels shifted once), same weights:
+   at the initial weights and again on the weights TRL trained (the initial model predicts nearly
+   uniformly, which would hide a wrong mask or position).
 3. tokens/s: non-pad tokens fed to the model per second (TRL: state.num_input_tokens_seen with
    include_num_input_tokens_seen="non_padding"; lmforge: the loop's tokens, the packed rows'
    non-pad tokens), and the ratio lmforge / TRL, twice: over the whole train() call (setup, and
@@ -163,6 +165,10 @@ def main() -> None:
     trainer.train()
     trl_s = time.perf_counter() - t0
     trl_tokens = int(trainer.state.num_input_tokens_seen)
+    trainer.model.eval()  # the same check on TRL's trained weights, whose predictions are far from uniform
+    with torch.no_grad():
+        trl_loss_trained = trainer.compute_loss(trainer.model, dict(first)).item()
+    our_loss_trained = our_loss_on_trl_batch(from_hf(hf_model).float(), first)
 
     hf_model.load_state_dict(init)
     t0 = time.perf_counter()
@@ -187,6 +193,8 @@ def main() -> None:
         "packing_fill": {"trl": sum(len(r["input_ids"]) for r in trainer.train_dataset) / (len(trainer.train_dataset) * args.seq_len),
                          "lmforge": sum(r["length"] for r in rows) / (len(rows) * args.seq_len)},
         "first_batch_loss": {"trl": trl_loss, "lmforge": our_loss, "abs_diff": abs(trl_loss - our_loss)},
+        "first_batch_loss_after_trl_training": {"trl": trl_loss_trained, "lmforge": our_loss_trained,
+                                                "abs_diff": abs(trl_loss_trained - our_loss_trained)},
         "tokens_per_s": {"trl": trl_tokens / trl_s, "lmforge": our_tokens / our_s, "ratio": ratio(our_tokens / our_s, trl_tokens / trl_s),
                          "trl_tokens": trl_tokens, "lmforge_tokens": our_tokens, "trl_s": trl_s, "lmforge_s": our_s,
                          "counted": "non-pad input tokens over each whole train() call"},
