@@ -274,10 +274,12 @@ def end_of_turn_rate(model, base: Base, conversations: list[list[dict]], max_new
         raw = merge_lora(copy.deepcopy(raw))
     engine = Engine(raw.eval(), base.tokenizer)
     prompts = [base.render(c[:-1], add_generation_prompt=True)[0] for c in conversations]
+    fits = [len(p) < raw.config.block_size for p in prompts]  # a prompt over the context has no answer to score
+    conversations = [c for c, f in zip(conversations, fits) if f]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[base.end_id])
-    out = engine.generate(prompts, params)
+    out = engine.generate([p for p, f in zip(prompts, fits) if f], params)
     ended = [c.finish_reason == "stop" for c in out]
-    return {"eot_rate": sum(ended) / max(len(ended), 1),
+    return {"eot_rate": sum(ended) / max(len(ended), 1), "skipped_over_context": fits.count(False),
             "answers": [{"prompt": c[-2].get("content"), "reference": c[-1].get("content"), "answer": o.text}
                         for c, o in zip(conversations, out)]}
 
