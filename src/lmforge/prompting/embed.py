@@ -130,11 +130,7 @@ def tfidf_scores(query_tf: np.ndarray, matrix: np.ndarray, row_norms: np.ndarray
 
     cos(q*idf, d*idf) = sum_j q_j d_j idf_j^2 / (|q*idf| |d*idf|); row_norms = |d*idf| per row.
     """
-    q = query_tf * idf
-    qn = float(np.linalg.norm(q))
-    if qn == 0.0:
-        return np.zeros(matrix.shape[0], dtype=np.float32)
-    return (matrix @ (q * idf)) / (row_norms * qn)  # (n_chunks,)
+    return tfidf_scores_by_columns(query_tf, matrix.T, row_norms, idf)
 
 
 def tfidf_scores_by_columns(query_tf: np.ndarray, columns: np.ndarray, row_norms: np.ndarray, idf: np.ndarray) -> np.ndarray:

@@ -437,14 +437,15 @@ class Index:
             return []
         self._load()
         n_chunks = len(self._ids)
-        df = {w: len(self._postings(w)[1]) for w in words}
+        postings = {w: self._postings(w) for w in words}
+        df = {w: len(tf) for w, (_, tf) in postings.items()}
         terms = [w for w in words if 0 < df[w] < n_chunks / 2] or [w for w in words if df[w]]
         if not terms:
             return []
         scores = np.zeros(n_chunks)
         matched = np.zeros(n_chunks, dtype=bool)
         for t in terms:
-            where, tf = self._postings(t)
+            where, tf = postings[t]
             norm = BM25_K1 * (1 - BM25_B + BM25_B * self._lengths[where] / self._avg_length)
             scores[where] += fts5_idf(df[t], n_chunks) * (tf * (BM25_K1 + 1) / (tf + norm))
             matched[where] = True
