@@ -137,14 +137,17 @@ def test_chat_repl_history_reset_system(run_dir):
 
 
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(run_dir):
-    p = _chat(run_dir, "--max-new-tokens", "2000", "--ignore-eos", "--temperature", "1.0", "--seed", "1")
-    p.stdin.write(b"tell me a long story\n")
-    p.stdin.flush()
-    assert p.stdout.read(len("assistant> ")) == b"assistant> "
-    p.stdout.read(8)  # the answer is streaming (2000 tokens take seconds): interrupt it now
-    p.send_signal(signal.SIGINT)
-    p.stdin.write(b"/reset\n")
-    p.stdin.flush()
-    out, err = p.communicate(b"", timeout=120)
-    assert p.returncode == 0, err
+    for _ in range(3):  # on a loaded machine the 2,000 tokens may all be out before the signal lands
+        p = _chat(run_dir, "--max-new-tokens", "2000", "--ignore-eos", "--temperature", "1.0", "--seed", "1")
+        p.stdin.write(b"tell me a long story\n")
+        p.stdin.flush()
+        assert p.stdout.read(len("assistant> ")) == b"assistant> "
+        p.stdout.read(8)  # the answer is streaming (2000 tokens take seconds): interrupt it now
+        p.send_signal(signal.SIGINT)
+        p.stdin.write(b"/reset\n")
+        p.stdin.flush()
+        out, err = p.communicate(b"", timeout=120)
+        assert p.returncode == 0, err
+        if b"(/exit or Ctrl-D quits)" not in err:  # the signal came during the answer, not at the prompt
+            break
     assert b"[stopped]" in out and b"[conversation reset]" in out
