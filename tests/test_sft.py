@@ -57,19 +57,20 @@ def test_packed_equals_unpacked(base, convs):
     packed = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
     with torch.no_grad():
         logits, _ = model(packed["idx"], positions=packed["positions"], segment_ids=packed["segment_ids"])
-        e = 0
+        seen = []
         for r, row in enumerate(rows):
             n_segments = len(set(row["segment_ids"])) - (row["idx"][-1] == tok.pad_id)  # the padding has its own id
             for seg in range(n_segments):
                 where = [i for i, x in enumerate(row["segment_ids"]) if x == seg]
                 n = len(where)
-                assert n == sum(t != tok.pad_id for t in singles[e]["idx"])
+                e = next(j for j, single in enumerate(singles)  # packing reorders: find this segment's example
+                         if j not in seen and single["idx"][:n] == row["idx"][where[0]:where[-1] + 1] and single["length"] == n)
+                seen.append(e)
                 ref, _ = model(torch.tensor([singles[e]["idx"][:n]]))
                 torch.testing.assert_close(logits[r, where], ref[0], rtol=0, atol=1e-5)
                 assert row["targets"][where[0]:where[-1] + 1] == singles[e]["targets"][:n]
                 assert row["positions"][where[0]:where[-1] + 1] == list(range(n))
-                e += 1
-        assert e == len(examples)
+        assert sorted(seen) == list(range(len(examples)))  # every example exactly once
         # the loss: sum over packed rows / tokens == the per-example token losses pooled
         batch = collate(rows, int((packed["targets"] != IGNORE).sum()), 1, "cpu")
         loss, metrics = sft_objective(model, batch)
@@ -132,6 +133,16 @@ def test_full_sft_run_dir_and_resume(base, tmp_path):
     resumed, _ = load_run(tmp_path / "b")
     for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
+
+
+def test_pack_is_best_fit_decreasing():
+    lengths = [3, 6, 2, 5, 4, 7]  # seq_len 10: 7+3, 6+4, 5+2 (three rows; in order it would take four)
+    examples = [(list(range(100 * i, 100 * i + n + 1)), [1] * (n + 1)) for i, n in enumerate(lengths)]
+    rows = pack(examples, 10, 0)
+    assert [r["length"] for r in rows] == [10, 10, 7]
+    assert [r["idx"][0] // 100 for r in rows] == [5, 1, 3]  # each row starts with its longest example
+    assert rows[0]["idx"][7] // 100 == 0 and rows[1]["idx"][6] // 100 == 4 and rows[2]["idx"][5] // 100 == 2
+    assert rows[2]["segment_ids"] == [0] * 5 + [1] * 2 + [2] * 3  # padding gets its own segment
 
 
 def test_batches_resume_exactly(base, convs):

@@ -2,7 +2,7 @@
 
 The base is an lmforge run or an HF checkpoint directory (load_base); the data `messages` JSONL
 (OpenAI/TRL, tool calls) or {prompt, completion} JSONL (read_conversations; errors name file:line).
-Packing (pack, on by default) lays examples end to end; segment_ids give a block-diagonal causal
+Packing (pack, on by default, best-fit decreasing) lays examples end to end; segment_ids give a block-diagonal causal
 mask and positions restart per example, so packed logits equal unpacked ones. The loss is the
 token losses' sum over the *global* batch's supervised-token count, so N processes with B rows
 take the same step as one with N*B rows (sft_objective). sft() is the stage, full or LoRA, and
@@ -11,6 +11,7 @@ writes a run directory (docs/alignment.md, *SFT*).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import time
@@ -133,33 +134,36 @@ def _pairs(example, seq_len: int) -> tuple[list[int], list[int]]:
 
 
 def pack(examples, seq_len: int, pad_id: int) -> list[dict]:
-    """Examples end to end in rows of seq_len tokens (first fit, in order); a row holds whole
-    examples only. Each row: idx, targets, positions (restarting per example), segment_ids
-    (example index in the row; padding gets its own)."""
-    rows, current = [], []
-
-    def flush():
-        if current:
-            idx, tgt, pos, seg = [], [], [], []
-            for s, (inp, t) in enumerate(current):
-                idx += inp
-                tgt += t
-                pos += list(range(len(inp)))
-                seg += [s] * len(inp)
-            n_pad = seq_len - len(idx)
-            rows.append({"idx": idx + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad,
-                         "positions": pos + [0] * n_pad, "segment_ids": seg + [len(current)] * n_pad, "length": len(idx)})
-            current.clear()
-
-    used = 0
-    for ex in examples:
-        inp, tgt = _pairs(ex, seq_len)
-        if used + len(inp) > seq_len:
-            flush()
-            used = 0
-        current.append((inp, tgt))
-        used += len(inp)
-    flush()
+    """Examples into rows of seq_len tokens by best-fit decreasing (TRL's `bfd`): longest first,
+    each into the fullest row it still fits, else a new row; a row holds whole examples only.
+    Deterministic: ties go to the earlier example and the earlier row. Each row: idx, targets,
+    positions (restarting per example), segment_ids (example index in the row; padding gets its own)."""
+    pairs = [_pairs(ex, seq_len) for ex in examples]
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted: the first fit is the best fit
+    for i in order:
+        need = len(pairs[i][0])
+        at = bisect.bisect_left(free, (need, -1))
+        if at == len(free):
+            bins.append([i])
+            bisect.insort(free, (seq_len - need, len(bins) - 1))
+        else:
+            room, b = free.pop(at)
+            bins[b].append(i)
+            bisect.insort(free, (room - need, b))
+    rows = []
+    for members in bins:
+        idx, tgt, pos, seg = [], [], [], []
+        for s, i in enumerate(members):
+            inp, t = pairs[i]
+            idx += inp
+            tgt += t
+            pos += list(range(len(inp)))
+            seg += [s] * len(inp)
+        n_pad = seq_len - len(idx)
+        rows.append({"idx": idx + [pad_id] * n_pad, "targets": tgt + [IGNORE] * n_pad,
+                     "positions": pos + [0] * n_pad, "segment_ids": seg + [len(members)] * n_pad, "length": len(idx)})
     return rows
 
 
