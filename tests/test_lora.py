@@ -93,3 +93,62 @@ def test_peft_loads_adapter_onto_hf_export(tmp_path):
     with torch.no_grad():
         ours, theirs = model(idx)[0], hf(input_ids=idx).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def new_token_model(seed=0, **kw):
+    """LoRA on q_proj and lm_head, with trained rows for tokens 57-60 or embed_tokens trained in full;
+    the trained rows are moved off the base's so every check sees them."""
+    model = lora_model(seed, targets=("q_proj", "lm_head"))
+    delattr(model, "lora_config")  # apply again with the new-token options: the existing LoRALinears are kept
+    model = apply_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "lm_head"), **kw))
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("trainable_tokens_delta" in name or name == "embed_tokens.weight"):
+                p.add_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+NEW_TOKENS = [{"trainable_tokens": (57, 58, 59, 60)}, {"modules_to_save": ("embed_tokens",)}]
+
+
+@pytest.mark.parametrize("kw", NEW_TOKENS, ids=["trainable_tokens", "modules_to_save"])
+def test_new_token_rows_train_save_load_and_merge(kw, tmp_path):
+    model = new_token_model(**kw)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable - {n for n in trainable if ".lora_" in n} == (
+        {"embed_tokens.token_adapter.trainable_tokens_delta"} if "trainable_tokens" in kw else {"embed_tokens.weight"})
+    idx = torch.tensor([[3, 57, 8, 60, 12, 1]])
+    save_adapter(model, tmp_path / "a")
+    loaded = load_adapter(tiny(), tmp_path / "a").eval()
+    with torch.no_grad():
+        before = model(idx)[0]
+        torch.testing.assert_close(loaded(idx)[0], before, rtol=0, atol=0)
+        merged = merge_lora(model)
+        torch.testing.assert_close(merged(idx)[0], before, rtol=0, atol=1e-5)
+    assert set(merged.state_dict()) == set(tiny().state_dict())
+    rows_changed = (merged.embed_tokens.weight != tiny().embed_tokens.weight).any(dim=1).nonzero().flatten().tolist()
+    assert rows_changed == (list(range(57, 61)) if "trainable_tokens" in kw else list(range(61)))
+
+
+@pytest.mark.parametrize("kw", NEW_TOKENS, ids=["trainable_tokens", "modules_to_save"])
+def test_peft_loads_new_token_rows_onto_hf_export(kw, tmp_path):
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from lmforge.model.hf import to_hf
+
+    model = new_token_model(**kw)
+    save_adapter(model, tmp_path / "adapter")
+    hf = peft.PeftModel.from_pretrained(to_hf(tiny()), str(tmp_path / "adapter")).eval()
+    idx = torch.tensor([[3, 57, 8, 60, 12, 1], [59, 58, 2, 0, 57, 33]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, model(idx)[0], rtol=0, atol=1e-5)
+
+
+def test_new_token_options_refuse_a_tied_head_and_bad_names():
+    with pytest.raises(ValueError, match="needs an untied lm_head"):
+        apply_lora(tiny(tie_embeddings=True), LoRAConfig(rank=4, targets=("q_proj",), trainable_tokens=(5,)))
+    with pytest.raises(ValueError, match=r"modules_to_save \['embeddings'\] match no module; available: .*embed_tokens"):
+        apply_lora(tiny(), LoRAConfig(rank=4, targets=("q_proj",), modules_to_save=("embeddings",)))
+    with pytest.raises(ValueError, match=r"trainable token ids \[99\] are outside the vocabulary \(0..60\)"):
+        apply_lora(tiny(), LoRAConfig(rank=4, targets=("q_proj",), trainable_tokens=(3, 99)))

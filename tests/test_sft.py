@@ -15,7 +15,7 @@ from lmforge.data.chat_template import write_tokenizer_config
 from lmforge.data.world import World
 from lmforge.infer import load_run
 from lmforge.model import ModelConfig, Transformer, save_pretrained
-from lmforge.tokenizer import SPECIAL_TOKENS, train as train_tokenizer
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, train as train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.model.lora import DEFAULT_TARGETS
 from lmforge.train.sft import (IGNORE, SFT_LORA_LR, SFT_TRAIN_DEFAULTS, SFTBatches, SFTConfig, collate, pack, pad_rows,
@@ -161,7 +161,7 @@ def test_batches_resume_exactly(base, convs):
 def test_lora_sft_writes_peft_adapter_and_merges(base, tmp_path):
     run, data, _ = base
     out = tmp_path / "lora"
-    sft(run, out, _sft_config(data, lora_rank=4, lora_targets=("q_proj", "v_proj")), _train_config(3, lr=1e-2),
+    sft(run, out, _sft_config(data, lora_rank=4, lora_targets=("q_proj", "v_proj"), lora_trainable_tokens="none"), _train_config(3, lr=1e-2),
         progress=False, log=lambda x: None)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["base_model_name_or_path"] == str(run.resolve())
@@ -195,6 +195,15 @@ def test_lora_defaults_from_the_cli(base, tmp_path):
     assert resolved["sft"]["lora_alpha"] == 32.0 and resolved["sft"]["lora_targets"] == [*DEFAULT_TARGETS, "lm_head"]
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["lora_alpha"] == 32.0 and adapter["target_modules"] == [*DEFAULT_TARGETS, "lm_head"]
+    special = sorted(Tokenizer.load(run).special_tokens.values())  # the chat tokens' embedding rows train too
+    assert adapter["trainable_token_indices"] == {"embed_tokens": special}
+    assert resolved["sft"]["lora_trainable_tokens"] == ",".join(map(str, special))
+    merged, _ = load_run(out)
+    base_model, _ = load_run(run)
+    changed = (merged.embed_tokens.weight != base_model.embed_tokens.weight).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(special)
+    assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False, special_ids=(1, 2)).trainable_tokens == ()
+    assert resolve_lora(SFTConfig(lora_rank=4, lora_trainable_tokens="7,3"), hf_base=True, tied_head=False).trainable_tokens == (3, 7)
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=False, tied_head=True).targets == DEFAULT_TARGETS
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False).targets == DEFAULT_TARGETS
     given = resolve_lora(SFTConfig(lora_rank=4, lora_alpha=3.0, lora_targets=("q_proj",)), hf_base=False, tied_head=False)

@@ -6,6 +6,12 @@ so the model starts as the base; A as PEFT initialises it). save_adapter / load_
 read PEFT's files and names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so
 `peft.PeftModel.from_pretrained(to_hf(base), dir)` loads them onto the HF export (Llama-shaped
 families; GPT-2's fused c_attn has no per-projection names). merge_lora folds the update in.
+
+New tokens (a base that never saw the chat's special tokens) need trained embedding rows, which a
+low-rank update of the projections cannot give. PEFT's two answers, in PEFT's names:
+`trainable_tokens` (PEFT's `trainable_token_indices` on `embed_tokens`: only those rows trained,
+stored as `embed_tokens.token_adapter.trainable_tokens_delta`, the rows' new values) and
+`modules_to_save` (whole modules trained and stored, e.g. `embed_tokens`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    trainable_tokens: tuple[int, ...] = ()  # rows of embed_tokens trained (PEFT's trainable_token_indices)
+    modules_to_save: tuple[str, ...] = ()  # modules (by last name) trained in full and saved with the adapter
 
     def __post_init__(self):
         if self.rank < 1:
@@ -40,6 +48,12 @@ class LoRAConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout={self.dropout} must be in [0, 1)")
         self.targets = tuple(self.targets)
+        self.trainable_tokens = tuple(sorted({int(t) for t in self.trainable_tokens}))
+        self.modules_to_save = tuple(self.modules_to_save)
+        if set(self.targets) & set(self.modules_to_save):
+            raise ValueError(f"{sorted(set(self.targets) & set(self.modules_to_save))} are both LoRA targets and modules_to_save")
+        if self.trainable_tokens and "embed_tokens" in self.modules_to_save:
+            raise ValueError("trainable_tokens train rows of embed_tokens, which modules_to_save already trains in full")
 
     @property
     def scaling(self) -> float:
@@ -67,6 +81,30 @@ class LoRALinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+class TrainableTokensEmbedding(nn.Embedding):
+    """An Embedding whose rows `indices` are replaced by trained values (PEFT's TrainableTokens:
+    `token_adapter.trainable_tokens_delta`, initialised to the base rows); the rest stays frozen."""
+
+    def __init__(self, base: nn.Embedding, indices: tuple[int, ...]):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.scale_grad_by_freq, self.sparse = None, None, False, False
+        bad = [i for i in indices if not 0 <= i < self.num_embeddings]
+        if bad:
+            raise ValueError(f"trainable token ids {bad[:4]} are outside the vocabulary (0..{self.num_embeddings - 1})")
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.register_buffer("token_indices", torch.tensor(indices, dtype=torch.long, device=base.weight.device), persistent=False)
+        self.token_adapter = nn.Module()
+        self.token_adapter.trainable_tokens_delta = nn.Parameter(base.weight.detach()[self.token_indices].clone())
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.index_copy(0, self.token_indices, self.token_adapter.trainable_tokens_delta.to(self.weight.dtype))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.merged_weight())
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -98,19 +136,39 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         name, others = next(iter(tied.items()))
         raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied embeddings): an update merged "
                          f"into it would change that too; leave {name.rsplit('.', 1)[-1]!r} out of the targets")
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    unknown = [m for m in config.modules_to_save if m not in module_names]
+    if unknown:
+        raise ValueError(f"modules_to_save {unknown} match no module; available: {', '.join(sorted(module_names))}")
+    shared = _shared_weights(model)
+    if shared and (config.trainable_tokens or "embed_tokens" in config.modules_to_save or "lm_head" in config.modules_to_save):
+        raise ValueError("training embed_tokens rows or modules under LoRA needs an untied lm_head: with tied embeddings "
+                         "the adapter's rows would change the head too, and PEFT loads them onto the embedding only")
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name.rsplit(".", 1)[-1] in config.targets:
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, leaf, LoRALinear(module, config))
+        leaf_name = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and leaf_name in config.targets:
+            _replace(model, name, LoRALinear(module, config))
+        elif leaf_name == "embed_tokens" and config.trainable_tokens and not isinstance(module, TrainableTokensEmbedding):
+            _replace(model, name, TrainableTokensEmbedding(module, config.trainable_tokens))
+        elif leaf_name in config.modules_to_save:
+            module.requires_grad_(True)
     model.lora_config = config
     return model
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{'layers.0.self_attn.q_proj.lora_A.weight': (r, in), ...}: the adapter tensors only."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    """{'layers.0.self_attn.q_proj.lora_A.weight': (r, in), ...}: the adapter tensors only, with
+    the trainable token rows and the modules_to_save's parameters."""
+    saved = tuple(getattr(getattr(model, "lora_config", None), "modules_to_save", ()))
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k or ".trainable_tokens_delta" in k
+            or any(k.startswith(f"{m}.") or f".{m}." in k for m in saved)}
 
 
 def _peft_name(name: str) -> str:
@@ -132,7 +190,9 @@ def save_adapter(model: nn.Module, path: str | Path, base: str | None = None) ->
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base) if base else None,
         "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
         "target_modules": list(config.targets), "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "use_rslora": False,
+        "inference_mode": True, "init_lora_weights": True, "modules_to_save": list(config.modules_to_save) or None,
+        "trainable_token_indices": {"embed_tokens": list(config.trainable_tokens)} if config.trainable_tokens else None,
+        "use_rslora": False,
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -149,8 +209,15 @@ def read_adapter_config(path: str | Path) -> tuple[LoRAConfig, str | None]:
         raise FileNotFoundError(2, "adapter_config.json missing (not a LoRA run directory?)", str(cfg_path))
     c = read_json(cfg_path)
     try:
+        tokens = c.get("trainable_token_indices") or {}
+        if isinstance(tokens, list):  # PEFT's short form: rows of the input embedding
+            tokens = {"embed_tokens": tokens}
+        if set(tokens) - {"embed_tokens"}:
+            raise ValueError(f"{cfg_path}: trainable_token_indices on {sorted(set(tokens) - {'embed_tokens'})}: "
+                             "only embed_tokens is supported")
         config = LoRAConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
-                            targets=tuple(c["target_modules"]))
+                            targets=tuple(c["target_modules"]), trainable_tokens=tuple(tokens.get("embed_tokens", ())),
+                            modules_to_save=tuple(c.get("modules_to_save") or ()))
     except (KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path}: field {e} missing or malformed") from None
     return config, c.get("base_model_name_or_path")
@@ -173,15 +240,20 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight, W <- W + (alpha/r) B A, and put plain Linears back (in place)."""
+    """Fold every adapter into its weight, W <- W + (alpha/r) B A, write the trained token rows into
+    the embedding, and put plain Linears / Embeddings back (in place); modules_to_save were trained in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             delta = (module.lora_B.weight.float() @ module.lora_A.weight.float()) * module.scaling  # (out, in)
             module.weight.add_(delta.to(module.weight.dtype))
             plain = Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             plain.weight, plain.bias = module.weight, module.bias
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
+            _replace(model, name, plain)
+        elif isinstance(module, TrainableTokensEmbedding):
+            module.weight.index_copy_(0, module.token_indices, module.token_adapter.trainable_tokens_delta.to(module.weight.dtype))
+            plain = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+            plain.weight = module.weight
+            _replace(model, name, plain)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

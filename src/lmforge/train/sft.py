@@ -58,6 +58,11 @@ class SFTConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: tuple[str, ...] | None = field(default=None, metadata={"help": "Linear names LoRA wraps; none: the attention "
                                                  "and MLP projections, plus lm_head on an lmforge base with an untied head"})
+    lora_trainable_tokens: str | None = field(default=None, metadata={"help": "embedding rows trained beside LoRA (PEFT's "
+                                              "trainable_token_indices): 'special' (the tokenizer's special tokens), 'none', or "
+                                              "token ids a,b,c; none: 'special' on an lmforge base with an untied head, else 'none'"})
+    lora_modules_to_save: tuple[str, ...] = field(default=(), metadata={"help": "modules trained in full beside LoRA and "
+                                                   "saved with the adapter (PEFT's modules_to_save), e.g. embed_tokens"})
 
 
 # defaults of the loop's settings for SFT where pretraining's do not fit (the CLI's flags override them)
@@ -70,16 +75,29 @@ def sft_train_defaults(lora_rank: int = 0) -> dict:
     return {**SFT_TRAIN_DEFAULTS, **({"lr": SFT_LORA_LR} if lora_rank else {})}
 
 
-def resolve_lora(config: SFTConfig, hf_base: bool, tied_head: bool) -> LoRAConfig:
-    """The LoRAConfig SFT applies: targets none -> DEFAULT_TARGETS, plus
-    lm_head on an lmforge base whose head is not tied to the embedding. Such a base was pretrained
-    on plain text and never predicted <|end|> or followed <|assistant|>: without lm_head the
-    projections barely move those logits and the loss stalls (3.44 vs full SFT's 0.80 on the
-    demo's small). An HF base keeps PEFT's convention (no lm_head): its chat tokens are trained."""
+def resolve_lora(config: SFTConfig, hf_base: bool, tied_head: bool, special_ids: tuple[int, ...] = ()) -> LoRAConfig:
+    """The LoRAConfig SFT applies: targets none -> DEFAULT_TARGETS, plus lm_head, and the special
+    tokens' embedding rows trained, on an lmforge base whose head is not tied to the embedding.
+    Such a base was pretrained on plain text and never saw <|end|> or <|assistant|>: without
+    lm_head the projections barely move those logits and the loss stalls (3.44 vs full SFT's 0.80
+    on the demo's small), and without their embedding rows the model cannot read them
+    (docs/alignment.md, *LoRA*). An HF base keeps PEFT's convention (neither): its chat tokens are trained."""
     targets = config.lora_targets
+    own_base = not hf_base and not tied_head
     if targets is None:
-        targets = DEFAULT_TARGETS + (("lm_head",) if not hf_base and not tied_head else ())
-    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(targets))
+        targets = DEFAULT_TARGETS + (("lm_head",) if own_base else ())
+    choice = config.lora_trainable_tokens or ("special" if own_base else "none")
+    if choice == "special":
+        tokens = tuple(special_ids)
+    elif choice == "none":
+        tokens = ()
+    else:
+        try:
+            tokens = tuple(int(t) for t in choice.split(","))
+        except ValueError:
+            raise ValueError(f"lora_trainable_tokens={choice!r}: expected 'special', 'none' or token ids like 3,4,5") from None
+    return LoRAConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, tuple(targets), trainable_tokens=tokens,
+                      modules_to_save=tuple(config.lora_modules_to_save))
 
 
 # ---- data ----
@@ -352,8 +370,9 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
 
     model = base.model
     if config.lora_rank:
-        lora = resolve_lora(config, base.hf, model.config.tie_embeddings)
-        config = replace(config, lora_targets=lora.targets)  # sft_config.json: what ran
+        lora = resolve_lora(config, base.hf, model.config.tie_embeddings, tuple(sorted(getattr(base.tokenizer, "special_tokens", {}).values())))
+        config = replace(config, lora_targets=lora.targets,  # sft_config.json: what ran
+                         lora_trainable_tokens=",".join(map(str, lora.trainable_tokens)) or "none")
         apply_lora(model, lora)
     data = SFTBatches(rows, config.batch_size, seed=train_config.seed, rank=rank, world=world, device=device)
     resolved = {"base": str(base_path), "hf_base": base.hf, "sft": asdict(config), "train": asdict(train_config),
