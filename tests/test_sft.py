@@ -204,6 +204,11 @@ def test_lora_defaults_from_the_cli(base, tmp_path):
     assert changed and set(changed) <= set(special)
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False, special_ids=(1, 2)).trainable_tokens == ()
     assert resolve_lora(SFTConfig(lora_rank=4, lora_trainable_tokens="7,3"), hf_base=True, tied_head=False).trainable_tokens == (3, 7)
+    whole = resolve_lora(SFTConfig(lora_rank=4, lora_modules_to_save=("embed_tokens",)), hf_base=False, tied_head=False,
+                         special_ids=(1, 2))  # the whole embedding trains: no separate rows
+    assert (whole.trainable_tokens, whole.modules_to_save) == ((), ("embed_tokens",))
+    head = resolve_lora(SFTConfig(lora_rank=4, lora_modules_to_save=("lm_head",)), hf_base=False, tied_head=False)
+    assert head.targets == DEFAULT_TARGETS  # a head trained in full is no LoRA target
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=False, tied_head=True).targets == DEFAULT_TARGETS
     assert resolve_lora(SFTConfig(lora_rank=4), hf_base=True, tied_head=False).targets == DEFAULT_TARGETS
     given = resolve_lora(SFTConfig(lora_rank=4, lora_alpha=3.0, lora_targets=("q_proj",)), hf_base=False, tied_head=False)

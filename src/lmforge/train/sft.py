@@ -85,8 +85,9 @@ def resolve_lora(config: SFTConfig, hf_base: bool, tied_head: bool, special_ids:
     targets = config.lora_targets
     own_base = not hf_base and not tied_head
     if targets is None:
-        targets = DEFAULT_TARGETS + (("lm_head",) if own_base else ())
-    choice = config.lora_trainable_tokens or ("special" if own_base else "none")
+        targets = DEFAULT_TARGETS + (("lm_head",) if own_base and "lm_head" not in config.lora_modules_to_save else ())
+    full_embedding = "embed_tokens" in config.lora_modules_to_save
+    choice = config.lora_trainable_tokens or ("special" if own_base and not full_embedding else "none")
     if choice == "special":
         tokens = tuple(special_ids)
     elif choice == "none":
