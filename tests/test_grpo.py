@@ -10,7 +10,7 @@ import torch
 
 from alignment_helpers import tiny_base, world_pairs, write_jsonl
 from lmforge.data.world import World
-from lmforge.train.grpo import GRPOConfig, format_reward, grpo, world_answer_reward
+from lmforge.train.grpo import GRPOConfig, format_reward, grpo, world_answer_reward, world_prompts
 from lmforge.train.loop import TrainConfig
 
 
@@ -66,3 +66,13 @@ def test_grpo_world_task_run_with_kl(base, tmp_path):
     recs = [r for r in _records(out) if "reward" in r]
     assert len(recs) == 2 and all(math.isfinite(r["kl"]) and r["truncated"] >= 0 for r in recs)
     assert math.isfinite(summary["heldout_reward"]) and (out / "model.safetensors").is_file()
+
+
+def test_world_prompts_draw_task_items_held_out_of_pretraining(base):
+    _, _, tok, _ = base
+    items = world_prompts("arithmetic_cot", 0, None, tok, 500)  # a completion task: render is not called
+    assert len(items) == 500 and len({it.prompt for it in items}) == 500
+    arith = World(seed=0).arithmetic
+    for it in items[:50]:
+        a, op, b = it.prompt.split("What is ")[1].split("?")[0].split()
+        assert arith.is_heldout(int(a), op, int(b))  # the operand pairs pretraining never shows

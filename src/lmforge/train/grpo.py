@@ -257,6 +257,8 @@ class GRPOConfig:
     data: str | None = field(default=None, metadata={"help": "JSONL of prompts {prompt (string or messages), answer, ...columns}; none: the world's task --task"})
     task: str = field(default="arithmetic_cot", metadata={"help": "world task whose items are the prompts (default data)"})
     world_seed: int = field(default=0, metadata={"help": "seed of the built-in world"})
+    task_items: int = field(default=1000, metadata={"help": "world items drawn for --task (held-out operand pairs, "
+                                                           "never in pretraining text); --eval-items of them held out"})
     rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format)"})
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions; empty: 1 each"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per process per step"})
@@ -290,8 +292,8 @@ def read_prompts(path: str | Path, render, tokenizer) -> list[PromptItem]:
     return items
 
 
-def world_prompts(task: str, seed: int, render, tokenizer) -> list[PromptItem]:
-    tasks = World(seed=seed).tasks()
+def world_prompts(task: str, seed: int, render, tokenizer, n: int = 200) -> list[PromptItem]:
+    tasks = World(seed=seed).tasks(n)
     if task not in tasks:
         raise ValueError(f"task={task!r} is not a world task ({', '.join(sorted(tasks))})")
     out = []
@@ -334,7 +336,7 @@ def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = N
     if len(weights) != len(funcs):
         raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
     items = (read_prompts(config.data, base.render, base.tokenizer) if config.data
-             else world_prompts(config.task, config.world_seed, base.render, base.tokenizer))
+             else world_prompts(config.task, config.world_seed, base.render, base.tokenizer, config.task_items))
     train_items, heldout = split_heldout(items, min(config.eval_items, len(items) // 5), train_config.seed)
     ref_model = None
     if config.beta:
