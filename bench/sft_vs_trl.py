@@ -35,9 +35,11 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -161,7 +163,8 @@ def main() -> None:
     # 2. tokens/s, TRL first, then lmforge from the same initial weights
     trainer.model.train()
     t0 = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its final log dict: stdout keeps one JSON line
+        trainer.train()
     trl_s = time.perf_counter() - t0
     trl_tokens = int(trainer.state.num_input_tokens_seen)
     trainer.model.eval()  # the same check on TRL's trained weights, whose predictions are far from uniform
@@ -200,7 +203,7 @@ def main() -> None:
         "tokens_per_s_steady": {"trl": trl_steady, "lmforge": our_steady, "ratio": ratio(our_steady, trl_steady),
                                 "counted": "non-pad input tokens from the end of step 1 to the end of the last step",
                          "trl_setup": "bfd packing, padding-free rows of B*T, sdpa with a block mask from position_ids",
-                         "lmforge_setup": "in-order packing into (B, T) rows, segment_ids block mask, fused head+loss"},
+                         "lmforge_setup": "best-fit decreasing packing into (B, T) rows, segment_ids block mask, fused head+loss"},
         "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
     }))
 
