@@ -9,8 +9,8 @@ batch size (rows of --seq-len tokens), optimizer steps, AdamW, lr and clipping:
   example, transformers builds the block-diagonal mask from them); the assistant mask comes from
   the `{% generation %}` tags of lmforge's chat template (written with write_tokenizer_config).
   gradient_checkpointing (TRL's default) is turned off: lmforge does not checkpoint.
-- lmforge: lmforge.train.sft.pack (best-fit decreasing too) into (B, T) rows, segment_ids for the block-diagonal mask, sft_objective through
-  lmforge.train.loop.train.
+- lmforge: lmforge.train.sft.pack (best-fit decreasing too) into (B, T) rows, segment_ids for the
+  block-diagonal mask, sft_objective through lmforge.train.loop.train.
 
 Reported:
 1. template: render_chat's (ids, mask) vs the HF tokenizer's apply_chat_template(...,

@@ -150,5 +150,7 @@ def test_new_token_options_refuse_a_tied_head_and_bad_names():
         apply_lora(tiny(tie_embeddings=True), LoRAConfig(rank=4, targets=("q_proj",), trainable_tokens=(5,)))
     with pytest.raises(ValueError, match=r"modules_to_save \['embeddings'\] match no module; available: .*embed_tokens"):
         apply_lora(tiny(), LoRAConfig(rank=4, targets=("q_proj",), modules_to_save=("embeddings",)))
+    model = tiny()
     with pytest.raises(ValueError, match=r"trainable token ids \[99\] are outside the vocabulary \(0..60\)"):
-        apply_lora(tiny(), LoRAConfig(rank=4, targets=("q_proj",), trainable_tokens=(3, 99)))
+        apply_lora(model, LoRAConfig(rank=4, targets=("q_proj",), trainable_tokens=(3, 99)))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # refused before anything was replaced

@@ -161,8 +161,8 @@ def test_batches_resume_exactly(base, convs):
 def test_lora_sft_writes_peft_adapter_and_merges(base, tmp_path):
     run, data, _ = base
     out = tmp_path / "lora"
-    sft(run, out, _sft_config(data, lora_rank=4, lora_targets=("q_proj", "v_proj"), lora_trainable_tokens="none"), _train_config(3, lr=1e-2),
-        progress=False, log=lambda x: None)
+    config = _sft_config(data, lora_rank=4, lora_targets=("q_proj", "v_proj"), lora_trainable_tokens="none")
+    sft(run, out, config, _train_config(3, lr=1e-2), progress=False, log=lambda x: None)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["base_model_name_or_path"] == str(run.resolve())
     merged_in_run, _ = load_run(out)  # model.safetensors holds the merged weights

@@ -91,9 +91,6 @@ class TrainableTokensEmbedding(nn.Embedding):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
         self.padding_idx, self.max_norm, self.scale_grad_by_freq, self.sparse = None, None, False, False
-        bad = [i for i in indices if not 0 <= i < self.num_embeddings]
-        if bad:
-            raise ValueError(f"trainable token ids {bad[:4]} are outside the vocabulary (0..{self.num_embeddings - 1})")
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.register_buffer("token_indices", torch.tensor(indices, dtype=torch.long, device=base.weight.device), persistent=False)
@@ -131,7 +128,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     unknown = [t for t in config.targets if t not in available]
     if unknown or not config.targets:
         raise ValueError(f"LoRA targets {unknown or list(config.targets)} match no Linear module; available: {', '.join(available)}")
-    tied = {name: others for name, others in _shared_weights(model).items() if name.rsplit(".", 1)[-1] in config.targets}
+    shared = _shared_weights(model)
+    tied = {name: others for name, others in shared.items() if name.rsplit(".", 1)[-1] in config.targets}
     if tied:
         name, others = next(iter(tied.items()))
         raise ValueError(f"LoRA target {name!r} shares its weight with {', '.join(others)} (tied embeddings): an update merged "
@@ -140,10 +138,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     unknown = [m for m in config.modules_to_save if m not in module_names]
     if unknown:
         raise ValueError(f"modules_to_save {unknown} match no module; available: {', '.join(sorted(module_names))}")
-    shared = _shared_weights(model)
     if shared and (config.trainable_tokens or "embed_tokens" in config.modules_to_save or "lm_head" in config.modules_to_save):
         raise ValueError("training embed_tokens rows or modules under LoRA needs an untied lm_head: with tied embeddings "
                          "the adapter's rows would change the head too, and PEFT loads them onto the embedding only")
+    embeddings = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "embed_tokens"]
+    if config.trainable_tokens and not embeddings:
+        raise ValueError("trainable_tokens need an embed_tokens module; the model has none")
+    vocab = embeddings[0].num_embeddings if embeddings else 0
+    bad = [i for i in config.trainable_tokens if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"trainable token ids {bad[:4]} are outside the vocabulary (0..{vocab - 1})")
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):
         leaf_name = name.rsplit(".", 1)[-1]

@@ -2,8 +2,8 @@
 
 The base is an lmforge run or an HF checkpoint directory (load_base); the data `messages` JSONL
 (OpenAI/TRL, tool calls) or {prompt, completion} JSONL (read_conversations; errors name file:line).
-Packing (pack, on by default, best-fit decreasing) lays examples end to end; segment_ids give a block-diagonal causal
-mask and positions restart per example, so packed logits equal unpacked ones. The loss is the
+Packing (pack, on by default, best-fit decreasing) lays examples end to end; segment_ids give a
+block-diagonal causal mask and positions restart per example, so packed logits equal unpacked ones. The loss is the
 token losses' sum over the *global* batch's supervised-token count, so N processes with B rows
 take the same step as one with N*B rows (sft_objective). sft() is the stage, full or LoRA, and
 writes a run directory (docs/alignment.md, *SFT*).
@@ -371,7 +371,8 @@ def sft(base_path: str | Path, out: str | Path, config: SFTConfig | None = None,
 
     model = base.model
     if config.lora_rank:
-        lora = resolve_lora(config, base.hf, model.config.tie_embeddings, tuple(sorted(getattr(base.tokenizer, "special_tokens", {}).values())))
+        special_ids = tuple(sorted(getattr(base.tokenizer, "special_tokens", {}).values()))
+        lora = resolve_lora(config, base.hf, model.config.tie_embeddings, special_ids)
         config = replace(config, lora_targets=lora.targets,  # sft_config.json: what ran
                          lora_trainable_tokens=",".join(map(str, lora.trainable_tokens)) or "none")
         apply_lora(model, lora)
