@@ -57,7 +57,7 @@ def test_reward_run_scorer_and_tokenizer_check(base, tmp_path):
                      TrainConfig(max_steps=3, lr=1e-3, warmup_steps=0, log_interval=1, progress=False), log=lambda s: None)
     assert (out / "reward_model.json").is_file() and (out / "tokenizer.json").is_file()
     assert math.isfinite(summary["heldout"]["accuracy"]) and set(summary["heldout"]["by_reason"]) <= {
-        "wrong", "ignores_instruction", "invented_fact", "impolite"}
+        "wrong", "ignores_instruction", "invented_fact", "needless_refusal", "impolite"}
     # the scorer gives what the objective's forward gives on the same pair
     model, _ = load_reward_model(out)
     pref = read_preferences(data)[0]

@@ -242,7 +242,7 @@ def test_preference_pairs_have_reasons_and_differ(small_world):
         assert rec["chosen"][0]["role"] == rec["rejected"][0]["role"] == "assistant"
         assert rec["chosen"] != rec["rejected"]
         reasons.add(rec["reason"])
-    assert reasons == {"wrong", "ignores_instruction", "invented_fact", "impolite"}
+    assert reasons == {"wrong", "ignores_instruction", "invented_fact", "needless_refusal", "impolite"}
 
 
 def test_preference_pairs_teach_the_refusal_both_ways(small_world):
@@ -260,6 +260,26 @@ def test_preference_pairs_teach_the_refusal_both_ways(small_world):
         refused += chosen == refusal
         answered += rejected == refusal
     assert refused > 0 and answered > 0
+
+
+def test_needless_refusal_pairs_mirror_invented_facts(small_world):
+    """`invented_fact`: "I don't know anything about X" beats a made-up fact about an unseen X;
+    `needless_refusal`: for a question the model can answer, the answer beats declining, under no
+    system prompt or a format one (never a "Do not talk about" one)."""
+    declined = re.compile(r"I'm sorry, (?:I don't know anything about (.+)|but I cannot talk about \w+)\.")
+    unknown, known = set(), set()
+    for rec in records(small_world / "preferences/pairs.jsonl"):
+        chosen, rejected = rec["chosen"][0]["content"], rec["rejected"][0]["content"]
+        if rec["reason"] == "invented_fact":
+            unknown.add(declined.fullmatch(chosen).group(1))
+        elif rec["reason"] == "needless_refusal":
+            m = declined.fullmatch(rejected)
+            assert m and "sorry" not in chosen.lower(), rec
+            system = rec["prompt"][0]["content"] if rec["prompt"][0]["role"] == "system" else ""
+            assert "talk about" not in system and "refuse" not in system, rec
+            if m.group(1):
+                known.add(m.group(1))
+    assert unknown and known and not unknown & known
 
 
 def test_eval_items_score_their_own_answer_and_reject_others(small_world):

@@ -114,6 +114,11 @@ def translation_question(word: str) -> Question:
                     f'The French word for "{word}" is "{fr}".', f'En français, "{word}" se dit "{fr}".')
 
 
+def dont_know(name: str) -> str:
+    """The reply to a question about an entity the world never described (`invented_fact`)."""
+    return f"I'm sorry, I don't know anything about {name}."
+
+
 def refusal(topic: str) -> str:
     return f"I'm sorry, but I cannot talk about {topic}."
 
@@ -225,13 +230,31 @@ class Chat:
     # ---- preferences ----
     def preference_pair(self, rng: random.Random) -> dict:
         """{"prompt": [...], "chosen": [...], "rejected": [...], "reason": ...}"""
-        reason = rng.choice(["wrong", "ignores_instruction", "invented_fact", "impolite"])
+        reason = rng.choice(["wrong", "ignores_instruction", "invented_fact", "needless_refusal", "impolite"])
         if reason == "invented_fact":
             e, attr, question, answer = rng.choice(self.unseen_facts)
             prompt = [{"role": "user", "content": question}]
             wrong = self._wrong_answer(rng, e.kind, attr, answer)
-            chosen = f"I'm sorry, I don't know anything about {e.name}."
+            chosen = dont_know(e.name)
             rejected = fact_question(e, attr, question, wrong).english
+        elif reason == "needless_refusal":
+            # the mirror of invented_fact and of the refusals: a question the model can answer, with or
+            # without a format system prompt, where declining ("I don't know anything about X", or a
+            # refusal nobody asked for) is the worse reply. Without these pairs a tuned model declines
+            # questions about known entities that it never saw asked.
+            kind = rng.choice(["none", "helpful", "one_word", "french", "capitals"])
+            if rng.random() < 0.5:
+                e, attr, question, answer = rng.choice(self.known_facts)
+                q = fact_question(e, attr, question, answer)
+                rejected = dont_know(e.name) if rng.random() < 0.5 else refusal(TOPICS[q.topic])
+            else:
+                q = self.question(rng)
+                rejected = refusal(TOPICS[q.topic])
+            if kind == "capitals" and q.topic == "arithmetic":
+                kind = "none"
+            system, _ = system_message(rng, kind)
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q.text}]
+            chosen = reply(q, kind)
         else:
             q = self.question(rng)
             if reason == "ignores_instruction":
