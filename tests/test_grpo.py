@@ -35,7 +35,9 @@ def test_builtin_rewards_by_hand():
 
 def test_grpo_learns_a_token_preference(base, tmp_path):
     """Reward = share of the completion's (re-encoded) tokens that lie in the lower half of the
-    vocabulary: about 0.5 for the random model, so the signal is dense; it must rise."""
+    vocabulary: about 0.5 for the random model, so the signal is dense; it must rise. Twenty steps,
+    not twelve: the first ten are noisy (0.5-0.65 for every tokenizer seed tried), the rise after
+    them is steady (to 0.8-1.0), so the test does not hang on the vocabulary's exact merges."""
     run, prompts, tok, _ = base
     half = tok.vocab_size // 2
 
@@ -48,11 +50,11 @@ def test_grpo_learns_a_token_preference(base, tmp_path):
 
     out = tmp_path / "grpo"
     grpo(run, out, GRPOConfig(data=str(prompts), prompts_per_step=4, group_size=8, max_new_tokens=8, eval_items=2),
-         TrainConfig(max_steps=12, lr=5e-2, warmup_steps=0, schedule="constant", log_interval=1, progress=False,
+         TrainConfig(max_steps=20, lr=5e-2, warmup_steps=0, schedule="constant", log_interval=1, progress=False,
                      weight_decay=0.0, eval_interval=0, ckpt_interval=0),
          reward_funcs=[likes_target], log=lambda s: None)
     rewards = [r["reward"] for r in _records(out) if "reward" in r]
-    assert len(rewards) == 12 and all(math.isfinite(r["loss"]) and math.isfinite(r["clip_frac"]) for r in _records(out) if "reward" in r)
+    assert len(rewards) == 20 and all(math.isfinite(r["loss"]) and math.isfinite(r["clip_frac"]) for r in _records(out) if "reward" in r)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.2, rewards
 
