@@ -4,6 +4,7 @@
     lmforge lora merge --run DIR --out DIR [--hf]
     lmforge reward --run SFT --out DIR [--data FILE]     lmforge reward score --run RM --data FILE
     lmforge dpo --run SFT --out DIR [--data FILE] [--beta B] [--loss sigmoid|ipo|robust]
+    lmforge pairs --run SFT --prompts FILE --judge world|RM --out FILE   (on-policy pairs for dpo)
     lmforge grpo --run SFT --out DIR [--task arithmetic_cot | --data FILE]
     lmforge ppo --run SFT --reward-model RM --out DIR
     lmforge chat show --data FILE [--run DIR]      (registered under `chat` in cli/infer.py)
@@ -33,6 +34,7 @@ from lmforge.io import read_jsonl
 from lmforge.train.dpo import DPO_TRAIN_DEFAULTS, DPOConfig, dpo
 from lmforge.train.grpo import GRPO_TRAIN_DEFAULTS, GRPOConfig, grpo
 from lmforge.train.logps import read_preferences, tokenize_preferences
+from lmforge.train.pairs import PairsConfig, pairs
 from lmforge.train.ppo import PPO_TRAIN_DEFAULTS, PPOConfig, ppo
 from lmforge.train.reward import REWARD_TRAIN_DEFAULTS, RewardConfig, RewardScorer, pairwise_accuracy, reward
 from lmforge.train.sft import (SFT_TRAIN_DEFAULTS, SFTConfig, load_base, read_conversations, sft, sft_train_defaults,
@@ -201,6 +203,28 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def _register_pairs(subparsers) -> None:
+    p = add_command(subparsers, "pairs", "on-policy preference pairs: the policy's own replies, best vs worst by a judge",
+                    cmd_pairs,
+                    description="Sample --samples replies per prompt from --run through the engine, score them with the "
+                                "judge (the world's system-prompt check, or a reward model from `lmforge reward`), and "
+                                "write the best and the worst of each prompt as a preference pair for `lmforge dpo --data`.")
+    p.add_argument("--run", required=True, help="policy to sample from (SFT run or HF checkpoint directory)")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' per line (a preference file works: its "
+                                                    "'chosen' is the world judge's reference, its 'reason' is kept)")
+    p.add_argument("--judge", default="world", help="'world' (the world's system-prompt check) or a reward model directory")
+    p.add_argument("--out", required=True, help="output JSONL of pairs (stats beside it in OUT.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_config_flags(p, PairsConfig)
+
+
+def cmd_pairs(args) -> int:
+    stats = pairs(args.run, args.prompts, args.out, args.judge, PairsConfig(**given(args, PairsConfig)),
+                  progress=not args.quiet)
+    print(json.dumps({k: v for k, v in stats.items() if k != "config"}))
+    return 0
+
+
 def _register_grpo(subparsers) -> None:
     p = add_command(subparsers, "grpo", "GRPO with verifiable rewards (group-normalised advantages, DAPO clip)", cmd_grpo,
                     description="GRPO: n samples per prompt through the engine, rewarded by the world's exact answer "
@@ -242,5 +266,6 @@ def register(subparsers) -> None:
     _register_lora(subparsers)
     _register_reward(subparsers)
     _register_dpo(subparsers)
+    _register_pairs(subparsers)
     _register_grpo(subparsers)
     _register_ppo(subparsers)

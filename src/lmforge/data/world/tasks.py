@@ -95,6 +95,37 @@ def follows(reply_text: str, check: str, key: str | None) -> bool:
     return has_key
 
 
+_CHECKED_KINDS = ("one_word", "french", "capitals", "refuse")
+
+
+def system_kind(system: str | None) -> str | None:
+    """The world's checked kind of a system message ("one_word", "french", "capitals" or "refuse";
+    "Do not talk about rivers." -> "refuse"), None for any other text."""
+    for kind in _CHECKED_KINDS:
+        for template in SYSTEM_PROMPTS[kind]:
+            head, sep, tail = template.partition("{topic}")
+            if system == template or (sep and system and system.startswith(head) and system.endswith(tail)
+                                      and len(system) > len(head) + len(tail)):
+                return kind
+    return None
+
+
+def obeys_system_prompt(messages: list[dict], reply_text: str, reference: str | None = None) -> bool | None:
+    """Whether `reply_text` obeys the world system prompt that opens `messages` (`follows`, without
+    the key fact); None when the conversation has no system prompt the world checks. Under
+    "Do not talk about X" the reply must refuse when the reference reply does (the question is
+    about X) and must not when it does not; without a reference it must refuse, as in the
+    `system_prompt` eval set, whose questions are always about the refused topic."""
+    system = messages[0].get("content") if messages and messages[0].get("role") == "system" else None
+    kind = system_kind(system)
+    if kind is None:
+        return None
+    if kind == "refuse":
+        must_refuse = reference is None or follows(reference, "refuse", None)
+        return follows(reply_text, "refuse", None) == must_refuse
+    return follows(reply_text, kind, None)
+
+
 def unique(make, count: int) -> list[EvalItem]:
     """Up to `count` items of `make()` with distinct prompts (at most count * 50 draws)."""
     seen, out = set(), []
