@@ -189,11 +189,12 @@ class SlowModel(Transformer):
         return super().forward(*args, **kwargs)
 
 
-def slow_app(tok, max_batch_size=1, **options):
+def slow_app(tok, max_batch_size=1, delay=SlowModel.delay, **options):
     cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=256,
                                   norm="layernorm", activation="gelu")  # not the lean DecodeStep: forward() runs every step
     torch.manual_seed(0)
     model = SlowModel(cfg)
+    model.delay = delay
     model.init_weights(seed=0)
     return create_app(model.eval(), tok, model_name="tiny", max_batch_size=max_batch_size, **options)
 
@@ -232,7 +233,11 @@ def test_concurrent_requests_decode_in_one_batch(tok):
 
 
 def test_full_queue_is_429_and_a_dropped_stream_frees_its_row(tok):
-    with running_server(slow_app(tok, max_queue=1)) as u:
+    # 0.1 s a step: the first stream holds its row for 20 s unless dropped, a window wide enough
+    # for the waiting request to be seen queued on a busy machine (at 0.02 s it was 4 s, and the
+    # first stream once finished before the queue was observed)
+    delay = 0.1
+    with running_server(slow_app(tok, max_queue=1, delay=delay)) as u:
         long = {"model": "tiny", "prompt": "the", "max_tokens": 200, "logit_bias": {"0": -100}, "stream": True}
         with httpx.stream("POST", u + "/v1/completions", json=long, timeout=30) as first:
             lines = first.iter_lines()
@@ -250,7 +255,7 @@ def test_full_queue_is_429_and_a_dropped_stream_frees_its_row(tok):
         # and the waiting request (2 tokens) gets it
         t0 = time.monotonic()
         waiting.join(timeout=30)
-        assert not waiting.is_alive() and time.monotonic() - t0 < 200 * SlowModel.delay / 2
+        assert not waiting.is_alive() and time.monotonic() - t0 < 200 * delay / 2
         assert wait_for(lambda: gauge(u, "lmforge_requests_running") == 0 and gauge(u, "lmforge_requests_waiting") == 0)
         generated = gauge(u, "lmforge_generation_tokens_total")
         # not 200 + 2: the dropped stream stopped within a few steps of the drop (not a count of the
