@@ -4,7 +4,7 @@ scores the replies, and the best and the worst become a {prompt, chosen, rejecte
 pairs written for another model do not (the iterative / online DPO of Xiong et al. 2024, Llama 3's
 rejection-sampled pairs, Pang et al. 2024's pairs judged by a verifier).
 
-    sample_pairs(model, tokenizer, render, end_id, items, judge, PairsConfig) -> (pairs, stats)
+    sample_pairs(model, tokenizer, end_id, items, judge, PairsConfig) -> (pairs, stats)
     reward_judge(RewardScorer)      a judge from a reward model (`lmforge reward`)
     world_system_judge              the world's system-prompt check (a verifier, no model)
     pairs(policy, prompts, out, judge="world" | RM_DIR, PairsConfig) -> stats   the stage; writes a JSONL file
@@ -166,14 +166,12 @@ def pairs(policy_path: str | Path, prompts_path: str | Path, out: str | Path, ju
     from lmforge.train.reward import RewardScorer
 
     config = config or PairsConfig()
+    if judge != "world" and not Path(judge).is_dir():  # before the policy is loaded
+        raise ValueError(f"judge={judge!r}: expected 'world' or a reward model directory (from `lmforge reward`)")
     base = load_base(policy_path)
     items = read_pair_prompts(prompts_path, base.render, base.tokenizer, config.reasons)
-    if judge == "world":
-        judge_fn = world_system_judge
-    elif Path(judge).is_dir():
-        judge_fn = reward_judge(RewardScorer(judge, policy_tokenizer=base.tokenizer, policy_name=f"policy {policy_path}"))
-    else:
-        raise ValueError(f"judge={judge!r}: expected 'world' or a reward model directory (from `lmforge reward`)")
+    judge_fn = world_system_judge if judge == "world" else reward_judge(
+        RewardScorer(judge, policy_tokenizer=base.tokenizer, policy_name=f"policy {policy_path}"))
     torch.manual_seed(config.seed)
     found, stats = sample_pairs(base.model, base.tokenizer, base.end_id, items, judge_fn, config, progress)
     if stats["scored_replies"] == 0:
