@@ -39,9 +39,13 @@ def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
     for key in ("chat", "rag", "tools", "few_shot", "base_tasks"):
         assert key in ev, key
     assert set(ev["chat"]) == {"base", "sft", "dpo"}
-    for rate in ("closed_book", "rag", "closed_book_hallucination", "citation", "declined_absent"):
+    for rate in ("closed_book", "rag", "closed_book_hallucination", "citation", "declined_absent",
+                 "rag_extract", "rag_extract_hallucination", "citation_extract"):
         assert 0.0 <= ev["rag"][rate] <= 1.0, rate
+    for ex in ev["rag"]["examples_extract"]:  # an extracted reply is a sentence of what was retrieved, cited
+        assert ex["rag"].endswith("].") or ex["rag"] == "The documents do not contain the answer.", ex
     report = (out / "report.md").read_text()
+    assert "| ... answered extractively: right answers |" in report
     for section in SECTIONS:
         assert section in report, section
     assert "| obeys the system prompt (format or refusal, fact aside) |" in report and "unseen entities" in report and "multiplication" in report

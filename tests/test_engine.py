@@ -414,3 +414,37 @@ def test_engine_uses_the_lean_step_only_where_it_applies(tok):
         cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=64, n_head=4, block_size=64, **overrides)
         model = Transformer(cfg).eval()
         assert not supports(model) and Engine(model, tok).decode_step is None
+
+
+def test_score_equals_the_log_probs_of_generation(model, tok):
+    """Engine.score of a greedy continuation == the sum of the log-probs the decode loop reported
+    while producing it (cached decoding vs one batched forward), for every prefix length; a
+    second, different continuation scores lower; batching does not change a score."""
+    prompt = tok.encode("First Citizen: Before we")
+    out = Engine(model, tok).generate(prompt, SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
+    eng = Engine(model, tok)
+    conts = [out.token_ids[:n] for n in (1, 5, 12)]
+    scores = eng.score(prompt, conts, batch_size=2)
+    for c, s in zip(conts, scores):
+        assert s == pytest.approx(sum(out.logprobs[:len(c)]), abs=1e-3)
+    other = list(out.token_ids)
+    other[0] = (other[0] + 1) % tok.vocab_size
+    worse = eng.score(prompt, [other])[0]
+    assert worse < scores[2]
+    assert eng.score(prompt, conts, batch_size=1) == pytest.approx(scores, abs=1e-4)
+
+
+def test_score_keeps_the_end_of_a_long_context_and_refuses_bad_input(model, tok):
+    eng = Engine(model, tok)
+    C = model.config.block_size
+    ids = tok.encode(TEXT)[:3 * C]
+    cont = ids[-4:]
+    long_ctx, kept = ids[:-4], ids[-C - 1:-4]  # all of it vs the last C - 3 tokens: one window with the continuation
+    assert len(kept) == C - 3
+    assert eng.score(long_ctx, [cont]) == pytest.approx(eng.score(kept, [cont]), abs=1e-4)
+    with pytest.raises(ValueError, match="non-empty context"):
+        eng.score([], [cont])
+    with pytest.raises(ValueError, match=f"1 to {C - 1} tokens"):
+        eng.score(ids[:4], [ids[:C]])
+    with pytest.raises(ValueError, match="1 to"):
+        eng.score(ids[:4], [[]])

@@ -354,3 +354,68 @@ def test_bm25_equals_fts5(tmp_path):
                 got = ix.bm25(" ".join(words), limit)
                 assert [c for c, _ in got] == [c for c, _ in every[:limit]], (words, limit)
                 assert [s for _, s in got] == pytest.approx([s for _, s in every[:limit]], rel=1e-9, abs=1e-12)
+
+
+def test_source_replies_are_the_sentences_cited():
+    hits = [rag.Hit(1, "a", "A", "p", "Aville is a town. Most houses in Aville have red roofs.", 0.0, 1.0, 0.0),
+            rag.Hit(2, "b", "B", "p", "It has 6 legs!  Its fur is\ngreen", 0.0, 1.0, 0.0)]
+    assert rag.source_replies(hits) == [(1, "Aville is a town [1]."), (1, "Most houses in Aville have red roofs [1]."),
+                                        (2, "It has 6 legs [2]."), (2, "Its fur is green [2].")]
+
+
+def test_extract_answer_calibrates_against_the_empty_question(world_db):
+    """A scorer with a position bias (a source's first sentence +10, whatever is asked) plus one
+    point per word shared with the question when one is asked: raw log-probability picks a first
+    sentence, the calibrated score (question minus no question) the sentence about what was asked."""
+    question = "How many kilometres long is the Brarken river?"
+    hits = rag.search(world_db, question, 3)
+    replies = rag.source_replies(hits)
+    first = {r for i, (n, r) in enumerate(replies) if i == 0 or replies[i - 1][0] != n}
+    prompts = []
+
+    def score(prompt, texts):
+        prompts.append(prompt)
+        asked = set(re.findall(r"\w+", prompt.rsplit("\n", 1)[-1].lower())) - {"q", "a"}
+        return [10.0 * (r in first) + len(asked & set(re.findall(r"\w+", r.lower()))) for r in texts]
+
+    calibrated = rag.extract_answer(question, hits, score)
+    assert prompts[1] == prompts[0].rsplit("\n", 1)[0] + "\nQ: A:" and prompts[0].endswith(f"Q: {question} A:")
+    assert "634 kilometres" in calibrated.text and calibrated.answered_by == "extract"
+    assert [c.title for c in calibrated.citations] == ["the Brarken river"] and calibrated.cited_by == "model"
+    raw = rag.extract_answer(question, hits, score, calibrate=False)
+    assert raw.text in first and "634" not in raw.text
+    assert rag.extract_answer(question, hits, score, threshold=1e9).text == rag.NO_ANSWER
+
+
+def test_ask_extract_with_a_real_engine(world_db, world_docs):
+    """Through rag.ask with an engine: the reply is one of the kept sources' sentences, its
+    citation is that sentence's source, and the engine's own scores pick it (chat and completion)."""
+    import torch
+
+    from lmforge.data.chat import render_chat
+    from lmforge.infer.engine import Engine
+    from lmforge.model import ModelConfig, Transformer
+    from lmforge.tokenizer import SPECIAL_TOKENS, train as train_tokenizer
+
+    text = " ".join(json.loads(line)["text"] for line in world_docs.read_text(encoding="utf-8").splitlines())
+    tok = train_tokenizer(text, vocab_size=400, special_tokens=SPECIAL_TOKENS, workers=1)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, n_kv_head=1,
+                                                ffn_hidden=64, block_size=512)).eval()
+    engine = Engine(model, tok)
+    question = "What colour is the water of the Brarken river?"
+    for chat in (True, False):
+        a = rag.ask(engine, world_db, question, chat=chat, answer="extract")
+        replies = rag.source_replies(a.sources)
+        assert a.text in [r for _, r in replies] and a.answered_by == "extract"
+        n = next(n for n, r in replies if r == a.text)
+        assert [c.number for c in a.citations] == [n] and a.citations[0].doc_id == a.sources[n - 1].doc_id
+        if chat:  # the winner is the argmax of question-minus-empty scores from Engine.score
+            end = tok.special_tokens["<|end|>"]
+            turn = lambda p: render_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]  # noqa: E731
+            conts = [tok.encode(r) + [end] for _, r in replies]
+            empty = a.prompt.rsplit("\n", 1)[0] + "\nQ: A:"
+            pmi = [x - y for x, y in zip(engine.score(turn(a.prompt), conts), engine.score(turn(empty), conts))]
+            assert a.text == replies[max(range(len(pmi)), key=pmi.__getitem__)][1]
+    with pytest.raises(ValueError, match="answer must be one of generate, extract"):
+        rag.ask(engine, world_db, question, answer="copy")

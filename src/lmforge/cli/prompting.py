@@ -43,8 +43,11 @@ def register(subparsers):
     p.add_argument("--db", required=True, help="the SQLite index file (created when absent)")
     p.add_argument("--chunk-tokens", type=int, default=200, help="tokens (words and punctuation) per chunk at most")
     p.add_argument("--overlap", type=int, default=40, help="tokens repeated from the previous chunk, whole sentences")
-    p.add_argument("--embed-run", default=None,
-                   help="embed with the mean-pooled hidden states of this run (default: the built-in hashed n-gram TF-IDF)")
+    embed = p.add_mutually_exclusive_group()
+    embed.add_argument("--embed-run", default=None,
+                       help="embed with the mean-pooled hidden states of this run (default: the built-in hashed n-gram TF-IDF)")
+    embed.add_argument("--embed-model", default=None,
+                       help="embed with this local sentence-transformers model directory (pip install sentence-transformers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = add_command(sub, "search", "print the best chunks for a query, with their scores", func=cmd_search)
@@ -53,6 +56,9 @@ def register(subparsers):
     p.add_argument("--k", type=int, default=5, help="how many chunks")
     p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], default="hybrid", help="ranking: RRF of BM25 and vectors, or one of them")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
+    p.add_argument("--vector-backend", choices=list(rag.VECTOR_BACKENDS), default=None,
+                   help=f"vector search: numpy (in memory), sqlite-vec (plain-cosine embedders), auto "
+                        f"(default: ${rag.VECTOR_BACKEND_ENV}, else auto)")
 
     p = add_command(sub, "ask", "answer from retrieved sources, with citations; says when the documents do not contain the answer",
                     func=cmd_rag_ask)
@@ -64,6 +70,11 @@ def register(subparsers):
     p.add_argument("--threshold", type=float, default=rag.DEFAULT_THRESHOLD,
                    help="answer only when the best source's BM25 score reaches this (docs/prompting.md)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many new tokens")
+    p.add_argument("--chat", action="store_true",
+                   help="the grounded prompt is a user turn of the chat template (an SFT model); else a completion ending in 'A:'")
+    p.add_argument("--answer", choices=list(rag.ANSWER_MODES), default="generate",
+                   help="generate: the model writes the reply; extract: the reply is the source sentence the model scores "
+                        "highest, question against no question (local backend only; docs/prompting.md)")
     p.add_argument("--device", default="cpu", help="torch device")
 
 
@@ -214,6 +225,10 @@ def cmd_index(args) -> int:
         from lmforge.prompting.embed import HiddenStateEmbedder
 
         embedder = HiddenStateEmbedder(args.embed_run)
+    elif args.embed_model:
+        from lmforge.prompting.embed import SentenceTransformerEmbedder
+
+        embedder = SentenceTransformerEmbedder(args.embed_model)
     s = rag.index(args.db, args.docs, chunk_tokens=args.chunk_tokens, overlap=args.overlap, embedder=embedder,
                   progress=not args.no_progress)
     dt = time.time() - t0
@@ -223,7 +238,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
-    for i, h in enumerate(rag.search(args.db, args.query, args.k, args.mode), 1):
+    for i, h in enumerate(rag.search(args.db, args.query, args.k, args.mode, args.vector_backend), 1):
         if args.json:
             print(json.dumps({"rank": i, "score": h.score, "bm25": h.bm25, "cosine": h.cosine, "doc_id": h.doc_id,
                               "title": h.title, "path": h.path, "text": h.text}, ensure_ascii=False))
@@ -234,6 +249,9 @@ def cmd_search(args) -> int:
 
 
 def cmd_rag_ask(args) -> int:
+    if args.answer != "generate" and args.backend != "local":
+        raise UserError("--answer extract scores the sources' sentences with the local model; an OpenAI-compatible "
+                        "server does not return prompt log-probabilities (use --backend local)")
     remote = _remote(args)
     if remote is not None:
         from lmforge.prompting import openai_backend
@@ -242,7 +260,7 @@ def cmd_rag_ask(args) -> int:
                                    max_tokens=args.max_new_tokens)
     else:
         a = rag.ask(_engine(args.run, args.device), args.db, args.question, k=args.k, threshold=args.threshold, mode=args.mode,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, chat=args.chat, answer=args.answer)
     print(a.text)
     for c in a.citations:
         print(f"[{c.number}] {c.title} ({c.doc_id}, {c.path})")

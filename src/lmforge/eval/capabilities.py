@@ -69,13 +69,16 @@ def question_of(item) -> str:
     return last.removeprefix("Q: ").removesuffix(" A:").strip()
 
 
-def closed_book_vs_rag(engine, items: dict, db, chat: bool = True, k: int = 3) -> dict:
+def closed_book_vs_rag(engine, items: dict, db, chat: bool = True, k: int = 3, extract: bool = False) -> dict:
     """Questions about the world's unseen entities (the `open_book` items without their article),
     asked closed-book and through `rag.ask`; plus questions about entities in no document
     (`closed_book` items: known entities, whose articles the collection lacks), which RAG should decline.
 
     accuracy: the reply contains the answer; hallucination: a confident wrong answer (neither right
-    nor declined); citation: among right RAG answers, the share citing the entity's own document."""
+    nor declined); citation: among right RAG answers, the share citing the entity's own document.
+    `extract`: the same questions answered extractively as well (`rag.ask(answer="extract")`: the
+    model picks a source sentence), under the keys rag_extract, rag_extract_hallucination,
+    citation_extract (questions about absent entities are declined before the model either way)."""
     unseen, absent = items["open_book"], items.get("closed_book", [])
     questions = [question_of(it) for it in unseen]
     if chat:
@@ -90,18 +93,31 @@ def closed_book_vs_rag(engine, items: dict, db, chat: bool = True, k: int = 3) -
     finally:
         index.close()
     right_closed = [contains_answer(t, it.answer) for t, it in zip(closed, unseen)]
-    right_rag = [contains_answer(g.text, it.answer) for g, it in zip(grounded, unseen)]
-    own = [any(c.title == it.meta.get("entity") for c in g.citations) for g, it in zip(grounded, unseen)]
     n = max(len(unseen), 1)
-    return {"n": len(unseen), "n_absent": len(absent),
-            "closed_book": sum(right_closed) / n,
-            "closed_book_hallucination": sum(not r and not declines(t) for r, t in zip(right_closed, closed)) / n,
-            "rag": sum(right_rag) / n,
-            "rag_hallucination": sum(not r and not declines(g.text) for r, g in zip(right_rag, grounded)) / n,
-            "citation": sum(o for o, r in zip(own, right_rag) if r) / max(sum(right_rag), 1),
-            "declined_absent": sum(declined_absent) / max(len(absent), 1),
-            "examples": [{"question": q, "closed_book": t, "rag": g.text, "citations": [c.title for c in g.citations]}
-                         for q, t, g in list(zip(questions, closed, grounded))[:3]]}
+    out = {"n": len(unseen), "n_absent": len(absent),
+           "closed_book": sum(right_closed) / n,
+           "closed_book_hallucination": sum(not r and not declines(t) for r, t in zip(right_closed, closed)) / n,
+           **_rag_scores(grounded, unseen, "rag", "citation"),
+           "declined_absent": sum(declined_absent) / max(len(absent), 1),
+           "examples": [{"question": q, "closed_book": t, "rag": g.text, "citations": [c.title for c in g.citations]}
+                        for q, t, g in list(zip(questions, closed, grounded))[:3]]}
+    if extract:
+        with rag.Index(db) as index:
+            extracted = [rag.ask(engine, index, q, k=k, chat=chat, answer="extract") for q in questions]
+        out.update(_rag_scores(extracted, unseen, "rag_extract", "citation_extract"))
+        out["examples_extract"] = [{"question": q, "rag": g.text, "citations": [c.title for c in g.citations]}
+                                   for q, g in list(zip(questions, extracted))[:3]]
+    return out
+
+
+def _rag_scores(answers, items, key: str, citation_key: str) -> dict:
+    """Right answers, confident wrong ones and own-document citations of grounded answers."""
+    right = [contains_answer(g.text, it.answer) for g, it in zip(answers, items)]
+    own = [any(c.title == it.meta.get("entity") for c in g.citations) for g, it in zip(answers, items)]
+    n = max(len(items), 1)
+    return {key: sum(right) / n,
+            f"{key}_hallucination": sum(not r and not declines(g.text) for r, g in zip(right, answers)) / n,
+            citation_key: sum(o for o, r in zip(own, right) if r) / max(sum(right), 1)}
 
 
 def _tool_runs(engine, items, db=None, max_new_tokens: int = 64) -> list:

@@ -423,6 +423,37 @@ class Engine:
             out.append(samples[0] if p.n == 1 else samples)
         return out[0] if single else out
 
+    @torch.inference_mode()
+    def score(self, context: str | list[int], continuations: list[str | list[int]], batch_size: int = 16) -> list[float]:
+        """Summed log-probability of each continuation right after `context` (text or ids; text is
+        encoded as it is, so a continuation's leading space is part of it). A context too long for
+        one window keeps its last tokens; a continuation that leaves no room for one context token
+        is a ValueError. Rows are right-padded: causal attention lets padding change nothing before it.
+
+        engine.score("Q: 2+2? A:", [" 4", " 5"]) -> [-0.1, -3.2]"""
+        ctx = self.tokenizer.encode(context) if isinstance(context, str) else list(context)
+        conts = [self.tokenizer.encode(c) if isinstance(c, str) else list(c) for c in continuations]
+        C = self.config.block_size
+        if not ctx:
+            raise ValueError("scoring needs a non-empty context")
+        for c in conts:
+            if not c or len(c) >= C:
+                raise ValueError(f"a continuation of {len(c)} tokens: scoring needs 1 to {C - 1} tokens (the context is {C})")
+        device = next(self.model.parameters()).device
+        out = []
+        with eval_mode(self.model):
+            for start in range(0, len(conts), batch_size):
+                chunk = conts[start:start + batch_size]
+                rows = [(ctx[-(C + 1 - len(c)):] + c)[:-1] for c in chunk]  # the input: all but the last token
+                idx = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+                for b, r in enumerate(rows):
+                    idx[b, :len(r)] = torch.tensor(r)
+                logits, _ = self.model(idx.to(device))  # (b, T, V)
+                for b, (r, c) in enumerate(zip(rows, chunk)):
+                    logp = torch.log_softmax(logits[b, len(r) - len(c):len(r)].float(), dim=-1)
+                    out.append(logp.gather(1, torch.tensor(c, device=device)[:, None]).sum().item())
+        return out
+
     def scheduler(self, max_batch_size: int | None = None, max_len: int | None = None) -> Scheduler:
         """A long-lived continuous-batching scheduler sharing this engine's prefix cache (the
         server runs `step()` in a loop and `add()`s requests as they arrive)."""

@@ -183,7 +183,7 @@ def _run_eval(d: _Demo) -> dict:
     chat = final != "base"
     if (d.out / "rag.sqlite").is_file():
         d.log(f"  closed book vs RAG ({final})")
-        result["rag"] = cap.closed_book_vs_rag(engine, items, d.out / "rag.sqlite", chat=chat)
+        result["rag"] = cap.closed_book_vs_rag(engine, items, d.out / "rag.sqlite", chat=chat, extract=True)
     if chat:
         d.log(f"  no tools vs the calculator ({final})")
         result["tools"] = cap.tools_vs_none(engine, items["tool_use"][:max(n // 2, 1)])

@@ -39,8 +39,12 @@ def before_after_table(results: dict) -> list[str]:
         r = ev["rag"]
         rows += [(f"unseen entities ({r['n']} questions): right answers", r["closed_book"], r["rag"]),
                  ("unseen entities: confident wrong answers (hallucination)", r["closed_book_hallucination"], r["rag_hallucination"]),
-                 ("right RAG answers citing the entity's own document", None, r["citation"]),
-                 (f"entities in no document ({r['n_absent']}): says so", None, r["declined_absent"])]
+                 ("right RAG answers citing the entity's own document", None, r["citation"])]
+        if "rag_extract" in r:  # the model picks a source sentence (rag ask --answer extract)
+            rows += [("... answered extractively: right answers", r["closed_book"], r["rag_extract"]),
+                     ("... extractively: confident wrong answers", r["closed_book_hallucination"], r["rag_extract_hallucination"]),
+                     ("... extractively: right answers citing the entity's own document", None, r["citation_extract"])]
+        rows.append((f"entities in no document ({r['n_absent']}): says so", None, r["declined_absent"]))
     if "tools" in ev:
         t = ev["tools"]
         rows += [(f"multiplication, 3-4 by 2-3 digits ({t['n']}): exact product", t["no_tools"], t["tools"]),

@@ -7,6 +7,8 @@
 The tables are in SCHEMA (meta, documents, chunks, chunks_fts: FTS5 ranked by BM25, embeddings);
 every index run is one transaction, so a crash or Ctrl-C leaves the previous index as it was.
 Hybrid retrieval is reciprocal rank fusion (Cormack et al. 2009) of the BM25 and vector rankings.
+Vector search is exact: numpy over the matrix in memory, or, for plain-cosine embedders when
+sqlite-vec is installed, its vec_distance_cosine over the stored blobs (VECTOR_BACKENDS).
 Below `threshold` (the best hit's BM25 score) `ask` answers NO_ANSWER without calling the model.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sqlite3
 import unicodedata
@@ -25,7 +28,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from lmforge.prompting.embed import HiddenStateEmbedder, NgramEmbedder, embedder_from_config, idf_weights, row_norms, tfidf_scores_by_columns
+from lmforge.prompting.embed import (HiddenStateEmbedder, NgramEmbedder, SentenceTransformerEmbedder, embedder_from_config, idf_weights,
+                                     row_norms, tfidf_scores_by_columns)
 
 FORMAT = "lmforge-rag"
 VERSION = 1
@@ -33,8 +37,11 @@ SUFFIXES = (".txt", ".md", ".jsonl")
 RRF_K = 60
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants
 POSTINGS_CACHE = 16_000_000  # (chunk, term) postings kept in memory by an open Index, ~16 bytes each
+VECTOR_BACKENDS = ("auto", "numpy", "sqlite-vec")  # Index(vector_backend=...); auto: sqlite-vec when it can serve the index
+VECTOR_BACKEND_ENV = "LMFORGE_VECTOR_BACKEND"  # the backend when Index is given none (`rag search --vector-backend` sets it per call)
 DEFAULT_THRESHOLD = 4.8  # BM25 of the best hit; tuned on the world (docs/prompting.md)
 NO_ANSWER = "The documents do not contain the answer."
+ANSWER_MODES = ("generate", "extract")  # ask(answer=...): the model writes the reply, or picks a source sentence
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -205,8 +212,8 @@ class IndexStats:
 
 
 def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, overlap: int = 40,
-          embedder: NgramEmbedder | HiddenStateEmbedder | None = None, count_tokens: Callable[[str], int] = count_tokens_words,
-          progress: bool = False, callback: Callable[[int, int], None] | None = None) -> IndexStats:
+          embedder: NgramEmbedder | HiddenStateEmbedder | SentenceTransformerEmbedder | None = None,
+          count_tokens: Callable[[str], int] = count_tokens_words, progress: bool = False, callback: Callable[[int, int], None] | None = None) -> IndexStats:
     """Index documents into the SQLite file `db` (created when absent), incrementally.
 
     A document whose (path, id) is stored with the same content hash is kept; a changed one is
@@ -345,7 +352,7 @@ class Hit:
     text: str
     score: float  # of the ranking asked for: RRF (hybrid), BM25 (bm25), cosine (vector)
     bm25: float | None  # positive, higher is better; None when BM25 did not match the chunk
-    cosine: float  # TF-IDF cosine similarity to the query, in [0, 1]
+    cosine: float  # cosine similarity to the query: TF-IDF (n-gram embedder, in [0, 1]) or plain (dense embedders)
 
 
 def fts5_terms(text: str) -> list[str]:
@@ -380,18 +387,93 @@ def fts_query(query: str | list[str]) -> str:
     return " OR ".join(f'"{w}"' for w in words)
 
 
+def _extension_sqlite():
+    """The DB-API module whose connections can load SQLite extensions: the standard library's
+    sqlite3 when Python was built with extension loading (pyenv's and some distributions' builds
+    are not: their Connection has no enable_load_extension, as the sqlite3 docs say), else
+    pysqlite3 (`pip install pysqlite3-binary`, with its own SQLite) when installed, else None."""
+    if hasattr(sqlite3.Connection, "enable_load_extension"):
+        return sqlite3
+    try:
+        from pysqlite3 import dbapi2
+    except ImportError:
+        return None
+    return dbapi2
+
+
+def sqlite_vec_connect(path: str | Path):
+    """A read-only connection to the index file `path` with sqlite-vec loaded, or ValueError
+    naming what is missing (the package, or a SQLite that loads extensions)."""
+    try:
+        import sqlite_vec  # optional: pip install sqlite-vec
+    except ImportError:
+        raise ValueError(f"{path}: vector backend sqlite-vec needs the sqlite-vec package: pip install sqlite-vec") from None
+    module = _extension_sqlite()
+    if module is None:
+        raise ValueError(f"{path}: vector backend sqlite-vec needs a SQLite that loads extensions; this Python's sqlite3 "
+                         f"was built without them: pip install pysqlite3-binary")
+    conn = module.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)  # only reads: index() writes
+    try:
+        conn.enable_load_extension(True)
+        sqlite_vec.load(conn)
+        conn.enable_load_extension(False)
+    except module.Error as e:
+        conn.close()
+        raise ValueError(f"{path}: cannot load sqlite-vec into SQLite {module.sqlite_version} ({e})") from None
+    return conn
+
+
+# sqlite-vec's cosine of a stored row with the query (a float32 blob); NULL, a zero vector, scores 0 as in numpy
+_SQL_COSINE = "coalesce(1.0 - vec_distance_cosine(vector, ?), 0.0)"
+
+
 class Index:
     """An open index for repeated searches; the embedding matrix is loaded once and reloaded
-    only when the index changed (its generation counter)."""
+    only when the index changed (its generation counter).
 
-    def __init__(self, path: str | Path):
+    `vector_backend` (None: $LMFORGE_VECTOR_BACKEND, else "auto") chooses how vectors are searched:
+    "numpy", the matrix in memory; "sqlite-vec", SQL over the stored blobs with sqlite-vec's
+    vec_distance_cosine (the matrix never loaded; plain-cosine embedders only, as the n-gram
+    embedder's IDF weights are applied at query time); "auto", sqlite-vec when it is installed and
+    the embedder's cosine is plain, else numpy. Both give the same ranking (tested).
+    `self.vector_backend` is the one chosen."""
+
+    def __init__(self, path: str | Path, vector_backend: str | None = None):
         self.path = Path(path)
         self.conn, self.config = open_index(self.path)
-        self.embedder = embedder_from_config(self.config["embedder"])
+        self._vec = None  # the sqlite-vec connection
+        try:
+            self.embedder = embedder_from_config(self.config["embedder"])
+            self.vector_backend = self._open_vector_backend(vector_backend or os.environ.get(VECTOR_BACKEND_ENV) or "auto")
+        except BaseException:
+            self.conn.close()
+            raise
         self._generation = None
         self._columns = self._ids = self._norms = self._idf = None
 
+    def _open_vector_backend(self, asked: str) -> str:
+        """"numpy" or "sqlite-vec" for the backend `asked` (opening sqlite-vec's connection);
+        ValueError when sqlite-vec is asked for by name and cannot serve this index."""
+        if asked not in VECTOR_BACKENDS:
+            raise ValueError(f"vector backend {asked!r}: choose one of {', '.join(VECTOR_BACKENDS)} "
+                             f"(Index(vector_backend=...), `--vector-backend` or ${VECTOR_BACKEND_ENV})")
+        if asked == "numpy" or (asked == "auto" and self.embedder.uses_idf):
+            return "numpy"
+        if self.embedder.uses_idf:
+            raise ValueError(f"{self.path}: vector backend sqlite-vec computes plain cosines, and this index's {self.embedder.name} "
+                             f"embedder is scored with the collection's IDF weights at query time, which only the numpy "
+                             f"backend applies (use numpy or auto)")
+        try:
+            self._vec = sqlite_vec_connect(self.path)
+        except ValueError:
+            if asked == "auto":
+                return "numpy"
+            raise
+        return "sqlite-vec"
+
     def close(self) -> None:
+        if self._vec is not None:
+            self._vec.close()
         self.conn.close()
 
     def __enter__(self):
@@ -404,24 +486,67 @@ class Index:
         gen = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
         if gen == self._generation:
             return
-        rows = self.conn.execute("SELECT chunk, vector FROM embeddings ORDER BY chunk").fetchall()
-        if not rows:
+        if self.vector_backend == "sqlite-vec":  # the vectors stay in the file: only the chunk ids
+            self._ids = np.array([r[0] for r in self.conn.execute("SELECT chunk FROM embeddings ORDER BY chunk")], dtype=np.int64)
+        else:
+            self._load_matrix()
+        if not len(self._ids):
             raise ValueError(f"{self.path}: the index holds no chunks (index some documents first)")
+        self._load_postings()
+        self._generation = gen
+
+    def _load_matrix(self) -> None:
+        """The numpy backend's chunk ids, matrix by columns, IDF weights and row norms."""
+        rows = self.conn.execute("SELECT chunk, vector FROM embeddings ORDER BY chunk").fetchall()
         dim = self.embedder.dim
         self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)  # (n, dim)
         df = np.frombuffer(self.conn.execute("SELECT value FROM meta WHERE key = 'df'").fetchone()[0], dtype=np.int64)
-        # dense embedders (hidden states) are compared by plain cosine: every weight 1
+        # dense embedders (hidden states, sentence-transformers) are compared by plain cosine: every weight 1
         self._idf = idf_weights(df.astype(np.float64), len(rows)) if self.embedder.uses_idf else np.ones(dim, np.float32)
         self._norms = row_norms(matrix, self._idf)
         self._columns = np.ascontiguousarray(matrix.T)  # (dim, n): a query reads only its own buckets' columns
-        self._load_postings()
-        self._generation = gen
 
     def cosine(self, query: str) -> np.ndarray:
         """(n_chunks,) cosine similarity of the query with every chunk (in self._ids order)."""
         self._load()
-        return tfidf_scores_by_columns(self.embedder.vector(query), self._columns, self._norms, self._idf)
+        q = np.asarray(self.embedder.vector(query), dtype=np.float32)
+        if self.vector_backend == "sqlite-vec":
+            rows = self._vec.execute(f"SELECT {_SQL_COSINE} FROM embeddings ORDER BY chunk", (q.tobytes(),)).fetchall()
+            return np.array([r[0] for r in rows], dtype=np.float32)
+        return tfidf_scores_by_columns(q, self._columns, self._norms, self._idf)
+
+    def nearest(self, query_vector: np.ndarray, m: int) -> list[tuple[int, float]]:
+        """The m chunks most similar to an embedded query, [(chunk id, cosine)], best first, ties
+        by chunk id. Both backends are exact: numpy scores every column of the matrix; sqlite-vec
+        scans the embeddings table, vec_distance_cosine on each stored blob, ORDER BY ... LIMIT m."""
+        self._load()
+        q = np.asarray(query_vector, dtype=np.float32)
+        if self.vector_backend == "sqlite-vec":
+            rows = self._vec.execute(f"SELECT chunk, {_SQL_COSINE} AS cos FROM embeddings ORDER BY cos DESC, chunk LIMIT ?",
+                                     (q.tobytes(), m)).fetchall()
+            return [(int(c), float(s)) for c, s in rows]
+        cos = tfidf_scores_by_columns(q, self._columns, self._norms, self._idf)
+        m = min(m, len(cos))
+        kth = np.partition(cos, len(cos) - m)[len(cos) - m]  # every chunk tied with the m-th best, then sorted
+        top = np.flatnonzero(cos >= kth)
+        top = top[np.lexsort((self._ids[top], -cos[top]))][:m]
+        return [(int(self._ids[i]), float(cos[i])) for i in top]
+
+    def cosines(self, query_vector: np.ndarray, chunk_ids: list[int]) -> dict[int, float]:
+        """{chunk id: cosine} with an embedded query, for just these chunks (a hit BM25 found)."""
+        if not chunk_ids:
+            return {}
+        self._load()
+        q = np.asarray(query_vector, dtype=np.float32)
+        if self.vector_backend == "sqlite-vec":
+            marks = ", ".join("?" * len(chunk_ids))
+            rows = self._vec.execute(f"SELECT chunk, {_SQL_COSINE} FROM embeddings WHERE chunk IN ({marks})",
+                                     (q.tobytes(), *chunk_ids)).fetchall()
+            return {int(c): float(s) for c, s in rows}
+        where = np.searchsorted(self._ids, chunk_ids)
+        cos = tfidf_scores_by_columns(q, self._columns[:, where], self._norms[where], self._idf)
+        return {int(c): float(s) for c, s in zip(chunk_ids, cos)}
 
     def bm25(self, query: str, limit: int) -> list[tuple[int, float]]:
         """[(chunk id, BM25 score)] best first, ties by chunk id: FTS5's bm25() (k1=1.2, b=0.75,
@@ -496,36 +621,32 @@ class Index:
             raise ValueError(f"k={k} must be >= 1")
         self._load()
         n = min(max(k, candidates), len(self._ids))
-        cos = self.cosine(query)
+        q = self.embedder.vector(query)
         bm = self.bm25(query, n) if mode != "vector" else []
-        bm_score = dict(bm)
+        vec = self.nearest(q, n if mode == "hybrid" else min(k, n)) if mode != "bm25" else []
         if mode == "bm25":
-            ranked = [(c, s) for c, s in bm[:k]]
+            ranked = bm[:k]
+        elif mode == "vector":
+            ranked = vec
         else:
-            m = n if mode == "hybrid" else min(k, len(cos))
-            top = np.argpartition(-cos, m - 1)[:m]  # the m best, then sorted (ties by chunk id)
-            top = top[np.lexsort((self._ids[top], -cos[top]))]
-            vec = [(int(self._ids[i]), float(cos[i])) for i in top]
-            if mode == "vector":
-                ranked = vec
-            else:
-                fused: dict[int, float] = {}
-                for ranking in (bm, vec):
-                    for rank, (c, _) in enumerate(ranking, 1):
-                        fused[c] = fused.get(c, 0.0) + 1.0 / (RRF_K + rank)
-                ranked = sorted(fused.items(), key=lambda cs: (-cs[1], cs[0]))[:k]
+            fused: dict[int, float] = {}
+            for ranking in (bm, vec):
+                for rank, (c, _) in enumerate(ranking, 1):
+                    fused[c] = fused.get(c, 0.0) + 1.0 / (RRF_K + rank)
+            ranked = sorted(fused.items(), key=lambda cs: (-cs[1], cs[0]))[:k]
+        bm_score, cos = dict(bm), dict(vec)
+        cos.update(self.cosines(q, [c for c, _ in ranked if c not in cos]))  # hits only BM25 ranked
         hits = []
         for c, s in ranked:
             row = self.conn.execute("SELECT d.doc_id, d.title, d.path, c.text FROM chunks c JOIN documents d ON d.id = c.document "
                                     "WHERE c.id = ?", (c,)).fetchone()
-            ci = int(np.searchsorted(self._ids, c))
-            hits.append(Hit(c, row[0], row[1], row[2], row[3], float(s), bm_score.get(c), float(cos[ci])))
+            hits.append(Hit(c, row[0], row[1], row[2], row[3], float(s), bm_score.get(c), cos[c]))
         return hits
 
 
-def search(db: str | Path, query: str, k: int = 5, mode: str = "hybrid") -> list[Hit]:
+def search(db: str | Path, query: str, k: int = 5, mode: str = "hybrid", vector_backend: str | None = None) -> list[Hit]:
     """Open `db`, search once, close (use `Index` for many queries)."""
-    with Index(db) as ix:
+    with Index(db, vector_backend) as ix:
         return ix.search(query, k, mode)
 
 
@@ -547,11 +668,16 @@ class GroundedAnswer:
     grounded: bool  # False: nothing relevant was retrieved, text is NO_ANSWER
     dropped_sources: int = 0  # sources trimmed to fit the context
     cited_by: str = "model"  # "model": [n] markers in the answer; "support": sources containing the answer
+    answered_by: str = "generate"  # "generate": the model's text; "extract": the source sentence it scored highest
 
 
 def source_line(number: int, hit: Hit) -> str:
     """'[1] the Brarken river: The Brarken river is a river. ...'"""
     return f"[{number}] {hit.title}: {' '.join(hit.text.split())}"
+
+
+def _question_line(question: str) -> str:
+    return f"Q: {question} A:" if question else "Q: A:"
 
 
 def grounded_prompt(question: str, hits: list[Hit], encode: Callable[[str], list[int]] | None = None,
@@ -564,7 +690,7 @@ def grounded_prompt(question: str, hits: list[Hit], encode: Callable[[str], list
     question = " ".join(question.split())
     if not question:
         raise ValueError("empty question")
-    tail = f"Q: {question} A:"
+    tail = _question_line(question)
 
     def build(sources, last_text=None):
         lines = [source_line(i + 1, h) for i, h in enumerate(sources)]
@@ -622,13 +748,16 @@ def relevance(hits: list[Hit]) -> float:
 
 
 def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: float = DEFAULT_THRESHOLD,
-        mode: str = "hybrid", max_new_tokens: int = 32, chat: bool = False) -> GroundedAnswer:
+        mode: str = "hybrid", max_new_tokens: int = 32, chat: bool = False, answer: str = "generate",
+        calibrate: bool = True) -> GroundedAnswer:
     """Retrieve, build the grounded prompt, answer greedily (one line), attach citations.
 
     Below `threshold` (the best hit's BM25 score) the answer is NO_ANSWER and the model is not called.
     `chat`: the grounded prompt is the user turn of a chat (an SFT model, e.g. one tuned on the
     world's chat/grounded.jsonl) and the answer ends at the end-of-turn token; otherwise it is a
-    completion prompt ending in "A:" and the answer ends at the line's end."""
+    completion prompt ending in "A:" and the answer ends at the line's end.
+    `answer="extract"`: the reply is the source sentence the model scores highest as its reply
+    (`extract_answer`; `calibrate` as there) instead of generated text."""
     from lmforge.infer.sampling import SamplingParams  # layer 2, imported here to keep rag importable without torch
 
     ix = db if isinstance(db, Index) else Index(db)
@@ -637,18 +766,25 @@ def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: fl
     finally:
         if not isinstance(db, Index):
             ix.close()
+    if answer not in ANSWER_MODES:
+        raise ValueError(f"answer must be one of {', '.join(ANSWER_MODES)}, got {answer!r}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=["\n"])
     generate = lambda prompt: engine.generate(prompt, params).text  # noqa: E731
+    score = lambda prompt, replies: engine.score(prompt, [f" {r}\n" for r in replies])  # noqa: E731
     if chat and engine is not None:
         from lmforge.data.chat import render_chat  # layer 2
 
         tok = engine.tokenizer
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[tok.special_tokens["<|end|>"]])
-        generate = lambda prompt: engine.generate(  # noqa: E731
-            render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0], params).text
+        end = tok.special_tokens["<|end|>"]
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[end])
+        user_turn = lambda prompt: render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]  # noqa: E731
+        generate = lambda prompt: engine.generate(user_turn(prompt), params).text  # noqa: E731
+        score = lambda prompt, replies: engine.score(user_turn(prompt), [tok.encode(r) + [end] for r in replies])  # noqa: E731
     # the context bounds the sources (a chat's role tokens take a few more); engine None can only
     # abstain (a check of the threshold alone)
     encode, budget = (engine.tokenizer.encode, engine.config.block_size - max_new_tokens - 8 * chat) if engine is not None else (None, None)
+    if answer == "extract":
+        return extract_answer(question, hits, score, threshold, encode, budget, calibrate=calibrate)
     return answer_from_sources(question, hits, generate, threshold, encode, budget)
 
 
@@ -664,3 +800,45 @@ def answer_from_sources(question: str, hits: list[Hit], generate: Callable[[str]
     text = generate(prompt).strip()
     citations, how = cite(text, kept)
     return GroundedAnswer(text, citations, kept, prompt, grounded=True, dropped_sources=len(hits) - len(kept), cited_by=how)
+
+
+def source_replies(sources: list[Hit]) -> list[tuple[int, str]]:
+    """Every sentence of the numbered sources as a cited reply, in the world's grounded format:
+    [(1, "Most houses in Gaibury have red roofs [1]."), ...] (source numbers from 1)."""
+    out = []
+    for n, h in enumerate(sources, 1):
+        for sentence in (s.strip() for s in _SENTENCE_END.split(" ".join(h.text.split()))):
+            body = sentence.rstrip(".!? ")
+            if body:
+                out.append((n, f"{body} [{n}]."))
+    return out
+
+
+def extract_answer(question: str, hits: list[Hit], score: Callable[[str, list[str]], list[float]],
+                   threshold: float = DEFAULT_THRESHOLD, encode: Callable[[str], list[int]] | None = None,
+                   max_prompt_tokens: int | None = None, calibrate: bool = True) -> GroundedAnswer:
+    """Extractive answering: the reply is the one sentence of the sources, cited, that the model
+    finds most likely as its reply; the model chooses, it does not write. `score(prompt, replies)`
+    gives each reply's summed log-probability after the prompt (Engine.score through `ask`).
+
+    `calibrate` (the default) ranks by how much the question raises a reply's log-probability over
+    the same sources with an empty question, log p(reply | sources, question) - log p(reply |
+    sources, "Q: A:"): pointwise mutual information, which discounts sentences that are likely
+    whatever is asked (short ones, the first of a source) as in Holtzman et al. 2021, "Surface Form
+    Competition". Threshold and trimming as in `answer_from_sources`."""
+    if relevance(hits) < threshold:
+        prompt, _ = grounded_prompt(question, [])
+        return GroundedAnswer(NO_ANSWER, [], [], prompt, grounded=False)
+    prompt, kept = grounded_prompt(question, hits, encode, max_prompt_tokens)
+    replies = source_replies(kept)
+    if not replies:
+        return GroundedAnswer(NO_ANSWER, [], kept, prompt, grounded=False, dropped_sources=len(hits) - len(kept))
+    texts = [r for _, r in replies]
+    scores = score(prompt, texts)
+    if calibrate:
+        empty = prompt.rsplit("\n", 1)[0] + "\n" + _question_line("")  # the sources' lines, then the empty question
+        scores = [a - b for a, b in zip(scores, score(empty, texts))]
+    best = max(range(len(texts)), key=scores.__getitem__)
+    citations, how = cite(texts[best], kept)
+    return GroundedAnswer(texts[best], citations, kept, prompt, grounded=True, dropped_sources=len(hits) - len(kept),
+                          cited_by=how, answered_by="extract")
