@@ -10,7 +10,10 @@ Scored as the demo's report card scores it (`lmforge.eval.capabilities`): right 
 contains the answer; own = a right reply cites the entity's own document; plus the share of
 questions about entities in no document that are declined.
 
-    python bench/rag_answers.py --run RUN --world WORLD_DIR [--k 3] [--modes generate,extract,extract:raw]
+    python bench/rag_answers.py --run RUN --world WORLD_DIR [--k 3] [--modes generate,extract,extract:raw] [--all-facts]
+With --all-facts the questions are every fact of every unseen entity (`entities.questions`, about
+four per entity: ~115 on a default world) instead of the 28 held-out ones: the entities stay
+unseen (their articles are never in pretraining or chat data), so every question is as new.
 Prints one JSON line.
 """
 
@@ -22,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmforge.data.world import World
+from lmforge.data.world.entities import questions
+from lmforge.data.world.tasks import EvalItem
 from lmforge.eval.capabilities import contains_answer, declines, question_of
 from lmforge.eval.tasks import load_tasks
 from lmforge.infer import load_run
@@ -48,11 +54,16 @@ def main() -> None:
     ap.add_argument("--world", required=True, help="the world directory the run was trained on")
     ap.add_argument("--k", type=int, default=3, help="sources per question")
     ap.add_argument("--modes", default="generate,extract,extract:raw", help="answer modes, comma-separated")
+    ap.add_argument("--all-facts", action="store_true", help="every fact of every unseen entity, not only the held-out questions")
     args = ap.parse_args()
     items = load_tasks(args.world, ["open_book", "closed_book"])
+    if args.all_facts:
+        seed = json.loads((Path(args.world) / "world.json").read_text())["seed"]
+        items["open_book"] = [EvalItem(task="open_book", prompt=f"Q: {q} A:", answer=a, meta={"entity": e.name})
+                              for e in World(seed).encyclopedia.unseen for _, q, a in questions(e)]
     model, tok = load_run(args.run)
     engine = Engine(model.eval(), tok, max_batch_size=32)
-    out = {"bench": "rag_answers", "run": args.run, "k": args.k, "n": len(items["open_book"]), "n_absent": len(items["closed_book"])}
+    out = {"bench": "rag_answers", "run": args.run, "k": args.k, "all_facts": args.all_facts, "n": len(items["open_book"]), "n_absent": len(items["closed_book"])}
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "rag.sqlite"
         rag.index(db, [Path(args.world) / "rag" / "documents.jsonl"], progress=False)
