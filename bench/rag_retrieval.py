@@ -7,9 +7,10 @@ BM25Okapi with the same k1=1.2, b=0.75 and the same tokenization) on the very sa
 Also the abstention rule at rag.DEFAULT_THRESHOLD: the share of present-entity questions
 answered and of absent-entity questions (entities in no document) declined.
 
-    python bench/rag_retrieval.py [--seed 0] [--embed-run RUN]
+    python bench/rag_retrieval.py [--seed 0] [--embed-run RUN] [--embed-model DIR]
 With --embed-run, the same for an index embedded with RUN's mean-pooled hidden states
-(hidden_vector_*, hidden_hybrid_*), to compare the two built-in embedders.
+(hidden_vector_*, hidden_hybrid_*), to compare the two built-in embedders; with --embed-model,
+for a local sentence-transformers model directory (st_vector_*, st_hybrid_*).
 Prints one JSON line.
 """
 
@@ -27,12 +28,14 @@ from rank_bm25 import BM25Okapi
 
 from lmforge.data.world import World
 from lmforge.prompting import rag
+from lmforge.prompting.embed import HiddenStateEmbedder, SentenceTransformerEmbedder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="world seed")
     ap.add_argument("--embed-run", default=None, help="also measure the hidden-state embedder of this run")
+    ap.add_argument("--embed-model", default=None, help="also measure this local sentence-transformers model directory")
     ap.add_argument("--max-questions", type=int, default=1000, help="questions about unseen entities, at most")
     args = ap.parse_args()
     w = World(args.seed)
@@ -66,16 +69,17 @@ def main() -> None:
             result["threshold"] = t
             result["present_answered"] = float(np.mean([rag.relevance(ix.search(q, 3)) >= t for q, _ in questions]))
             result["absent_declined"] = float(np.mean([rag.relevance(ix.search(q, 3)) < t for q in absent]))
-        if args.embed_run:
-            from lmforge.prompting.embed import HiddenStateEmbedder
-
-            hdb = Path(tmp) / "hidden.db"
-            rag.index(hdb, [path], embedder=HiddenStateEmbedder(args.embed_run))
-            with rag.Index(hdb) as ix:
+        others = [("hidden", HiddenStateEmbedder, args.embed_run), ("st", SentenceTransformerEmbedder, args.embed_model)]
+        for prefix, make, where in others:
+            if not where:
+                continue
+            edb = Path(tmp) / f"{prefix}.db"
+            rag.index(edb, [path], embedder=make(where))
+            with rag.Index(edb) as ix:
                 for mode in ("vector", "hybrid"):
                     ranked = [[h.doc_id for h in ix.search(q, 5, mode)] for q, _ in questions]
-                    result[f"hidden_{mode}_recall@1"] = float(np.mean([r[:1] == [d] for r, (_, d) in zip(ranked, questions)]))
-                    result[f"hidden_{mode}_recall@5"] = float(np.mean([d in r for r, (_, d) in zip(ranked, questions)]))
+                    result[f"{prefix}_{mode}_recall@1"] = float(np.mean([r[:1] == [d] for r, (_, d) in zip(ranked, questions)]))
+                    result[f"{prefix}_{mode}_recall@5"] = float(np.mean([d in r for r, (_, d) in zip(ranked, questions)]))
     print(json.dumps(result))
 
 

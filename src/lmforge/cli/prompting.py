@@ -57,8 +57,8 @@ def register(subparsers):
     p.add_argument("--mode", choices=["hybrid", "bm25", "vector"], default="hybrid", help="ranking: RRF of BM25 and vectors, or one of them")
     p.add_argument("--json", action="store_true", help="one JSON object per hit")
     p.add_argument("--vector-backend", choices=list(rag.VECTOR_BACKENDS), default=None,
-                   help=f"vector search: numpy (in memory), sqlite-vec (plain-cosine embedders), auto "
-                        f"(default: ${rag.VECTOR_BACKEND_ENV}, else auto)")
+                   help=f"vector search: numpy (in memory), sqlite-vec (plain-cosine embedders) or auto; "
+                        f"none: ${rag.VECTOR_BACKEND_ENV}, else auto")
 
     p = add_command(sub, "ask", "answer from retrieved sources, with citations; says when the documents do not contain the answer",
                     func=cmd_rag_ask)

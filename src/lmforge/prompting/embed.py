@@ -1,5 +1,6 @@
-"""Built-in text embedders that need no download: hashed character n-gram TF-IDF (the
-default), and mean-pooled hidden states of an lmforge run (`HiddenStateEmbedder`).
+"""Text embedders: the built-in hashed character n-gram TF-IDF (the default, no download), the
+mean-pooled hidden states of an lmforge run (`HiddenStateEmbedder`), and any local
+sentence-transformers model directory (`SentenceTransformerEmbedder`, `pip install sentence-transformers`).
 
 Each text is lowercased, runs of whitespace become one space, and every character n-gram
 (n in `ngrams`, over UTF-8 bytes) is hashed into one of `dim` buckets; the vector is the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -111,13 +113,77 @@ class HiddenStateEmbedder:
         return out
 
 
+ST_INSTALL = "pip install sentence-transformers (or pip install 'lmforge[rag]')"
+
+
+def load_sentence_transformer(path: str | Path, device: str = "cpu"):
+    """`sentence_transformers.SentenceTransformer` of a local model directory, never a download.
+
+    The directory must hold modules.json, the module list `SentenceTransformer.save` writes:
+    without it sentence-transformers would guess a mean-pooled model from a bare transformers
+    checkpoint, or read the path as a Hugging Face Hub name and try to download it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such sentence-transformers model directory")
+    if not (path / "modules.json").is_file():
+        raise ValueError(f"{path}: not a sentence-transformers model directory (no modules.json; "
+                         f"SentenceTransformer(...).save(dir) writes one)")
+    try:
+        from sentence_transformers import SentenceTransformer  # torch and transformers: only for this embedder
+    except ImportError as e:
+        raise ValueError(f"{path}: embedding with a sentence-transformers model needs the sentence-transformers "
+                         f"package ({e}); install it with {ST_INSTALL}") from None
+    try:
+        return SentenceTransformer(str(path), device=device, local_files_only=True)
+    except Exception as e:  # a broken directory fails in many ways (missing weights, bad JSON, unknown module)
+        raise ValueError(f"{path}: cannot load as a sentence-transformers model ({type(e).__name__}: {e})") from None
+
+
+class SentenceTransformerEmbedder:
+    """A local sentence-transformers model: its normalised sentence embeddings, compared by plain
+    cosine (no IDF). The directory's absolute path and name are stored in the index, so queries
+    are embedded by the same model when the index is opened again."""
+
+    uses_idf = False
+    name = "sentence-transformers"
+
+    def __init__(self, path: str | Path, device: str = "cpu", batch_size: int = 32):
+        self.path = str(Path(path).resolve())
+        self.model_name = Path(self.path).name
+        self.model = load_sentence_transformer(self.path, device)
+        self.batch_size = batch_size
+        # read off an output, not asked of the model: the method's name changed between versions
+        self.dim = int(self.model.encode(["dimension probe"], convert_to_numpy=True).shape[1])
+
+    def config(self) -> dict:
+        return {"name": self.name, "path": self.path, "model": self.model_name, "dim": self.dim}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32 unit rows (normalize_embeddings=True): cosine is a dot product."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+
+    def vector(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]
+
+
 def embedder_from_config(config: dict):
     """The embedder an index was built with (its stored config)."""
     if config.get("name") == "ngram-tfidf":
         return NgramEmbedder(dim=int(config["dim"]), ngrams=tuple(int(n) for n in config["ngrams"]))
     if config.get("name") == "hidden-states":
         return HiddenStateEmbedder(config["run"])
-    raise ValueError(f"unknown embedder {config.get('name')!r} in the index (this lmforge knows: ngram-tfidf, hidden-states)")
+    if config.get("name") == "sentence-transformers":
+        emb = SentenceTransformerEmbedder(config["path"])
+        if emb.dim != int(config["dim"]):  # another model saved over the directory since indexing
+            raise ValueError(f"{config['path']}: the model now gives {emb.dim}-dim embeddings, the index holds "
+                             f"{config['dim']}-dim ones; re-index into a new file")
+        return emb
+    raise ValueError(f"unknown embedder {config.get('name')!r} in the index "
+                     f"(this lmforge knows: ngram-tfidf, hidden-states, sentence-transformers)")
 
 
 def idf_weights(df: np.ndarray, n_chunks: int) -> np.ndarray:
