@@ -362,3 +362,19 @@ def test_rag_distractors_are_mostly_the_same_kind():
     same = sum(e.kind == "town" for e in got) / len(got)
     expected = SAME_KIND_DISTRACTORS + (1 - SAME_KIND_DISTRACTORS) / len(Inventor.KINDS)
     assert abs(same - expected) < 0.04, same
+
+
+def test_grounded_source_count_does_not_tell_whether_the_answer_is_there():
+    """One, two or three sources whether or not one is the entity's: when only the dialogues
+    without the answer had a single source, a tuned model declined every one-source prompt."""
+    import itertools
+    from collections import Counter
+
+    counts = Counter()
+    for d in itertools.islice(World(0).grounded_dialogues(), 1500):
+        n = len(re.findall(r"^\[\d+\] ", d["messages"][0]["content"], flags=re.M))
+        counts[n, d["messages"][1]["content"] == "The sources do not say."] += 1
+    for absent in (False, True):
+        total = sum(counts[n, absent] for n in (1, 2, 3))
+        assert set(n for n, a in counts if a == absent) == {1, 2, 3}
+        assert all(0.2 < counts[n, absent] / total < 0.47 for n in (1, 2, 3)), counts
