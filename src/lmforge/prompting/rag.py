@@ -788,14 +788,18 @@ def ask(engine, db: str | Path | Index, question: str, k: int = 3, threshold: fl
     return answer_from_sources(question, hits, generate, threshold, encode, budget)
 
 
+def _abstained(question: str) -> GroundedAnswer:
+    """NO_ANSWER, the model not called: nothing retrieved reaches the threshold."""
+    return GroundedAnswer(NO_ANSWER, [], [], grounded_prompt(question, [])[0], grounded=False)
+
+
 def answer_from_sources(question: str, hits: list[Hit], generate: Callable[[str], str], threshold: float = DEFAULT_THRESHOLD,
                         encode: Callable[[str], list[int]] | None = None, max_prompt_tokens: int | None = None) -> GroundedAnswer:
     """What `ask` does after retrieval, with any model: `generate(prompt) -> text` (the local
     engine, or a remote one: openai_backend.rag_ask). Below `threshold` it is not called; with
     `encode` and `max_prompt_tokens` the sources are trimmed to fit (grounded_prompt)."""
     if relevance(hits) < threshold:
-        prompt, _ = grounded_prompt(question, [])
-        return GroundedAnswer(NO_ANSWER, [], [], prompt, grounded=False)
+        return _abstained(question)
     prompt, kept = grounded_prompt(question, hits, encode, max_prompt_tokens)
     text = generate(prompt).strip()
     citations, how = cite(text, kept)
@@ -827,8 +831,7 @@ def extract_answer(question: str, hits: list[Hit], score: Callable[[str, list[st
     whatever is asked (short ones, the first of a source) as in Holtzman et al. 2021, "Surface Form
     Competition". Threshold and trimming as in `answer_from_sources`."""
     if relevance(hits) < threshold:
-        prompt, _ = grounded_prompt(question, [])
-        return GroundedAnswer(NO_ANSWER, [], [], prompt, grounded=False)
+        return _abstained(question)
     prompt, kept = grounded_prompt(question, hits, encode, max_prompt_tokens)
     replies = source_replies(kept)
     if not replies:
