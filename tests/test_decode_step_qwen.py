@@ -108,19 +108,18 @@ def test_engine_small_qwen_takes_the_fused_copies_and_matches_recompute():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_layers_go_through_the_lean_step_as_modules(monkeypatch, bits):
-    """A quantized Qwen-shaped model: the lean step (built by hand: the engine does not choose it
-    for quantized models) calls each QuantLinear (its chosen kernel)
-    and the head's int8 copy, so its logits and greedy tokens are the model's own forward's with
-    the same kernels."""
+    """A quantized Qwen-shaped model: the engine's lean step takes the row layout and calls each
+    QuantLinear (its chosen kernel), the blocks' fused q/k/v and gate/up (int8) and the head's
+    int8 copy, so its logits and greedy tokens are the model's own forward's with the same kernels."""
     monkeypatch.setenv(KERNEL_ENV, "fused" if bits == 8 else "reference")
     model = qwen_tiny()
     quantize_model(model, bits, group_size=32)
     assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
     engine = Engine(model, _Ids(model.config.vocab_size), prefix_cache_bytes=0)
-    assert engine.decode_step is None  # the engine keeps quantized models on their own forward (faster at batch 1)
-    step = engine.decode_step = DecodeStep(model, transposed=False)  # the step still serves them exactly
+    step = engine.decode_step
+    assert step is not None and step.row_major and not step.transposed
     if bits == 8:
-        assert model.layers[0].self_attn.q_proj.kernel is not None
+        assert model.layers[0].self_attn.q_proj.kernel is not None and model.layers[0].self_attn.fused_qkv is not None
         assert isinstance(model.lm_head.decode_matmul, HeadKernel)
     cfg = model.config
     for batch in (1, 3):

@@ -72,6 +72,33 @@ def test_engine_paths_decode_through_fused_kernels(qrun, monkeypatch):
     assert sum(e.request_id == reqs[0].id for e in events) == 12
 
 
+def test_lean_step_of_a_quantized_model_equals_its_forward(qrun, monkeypatch):
+    """The engine's quantized decode step (rows layout, fused q/k/v and gate/up) gives the
+    logits of the model's own forward through the same kernels, one row and rows at their own
+    positions."""
+    model, tok, engine = _fused_engine(qrun, monkeypatch)
+    step = engine.decode_step
+    assert step is not None and step.row_major and model.layers[0].self_attn.fused_qkv is not None
+    from lmforge.model import KVCache
+    prompts = [tok.encode("hello there, the quick"), tok.encode("hi"), tok.encode("the quick brown fox jumps over")]
+    B, L = len(prompts), 64
+    lean, ref = KVCache(model.config, B, L), KVCache(model.config, B, L)
+    with torch.inference_mode():
+        for cache in (lean, ref):  # each row prefilled alone, to its own length
+            for b, ids in enumerate(prompts):
+                row = cache.rows(b, b + 1)
+                model(torch.tensor([ids]), kv_cache=row)
+                cache.pos[b] = len(ids)
+        nxt = torch.tensor([[5], [17], [42]])
+        one = step.step(nxt[:1], lean.rows(0, 1))
+        want = model(nxt[:1], kv_cache=ref.rows(0, 1))[0]
+        assert torch.allclose(one, want, atol=1e-4, rtol=1e-4)
+        rows = step.step_rows(nxt, lean)  # row 0 now one position ahead of the others
+        want = model(nxt, kv_cache=ref, positions=ref.pos[:, None].clone())[0]
+        assert torch.allclose(rows, want, atol=1e-4, rtol=1e-4), float((rows - want).abs().max())
+        assert lean.pos.tolist() == ref.pos.tolist()
+
+
 def test_fused_logits_close_to_reference(qrun, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "reference")
     ref_model, tok = load_run(qrun)

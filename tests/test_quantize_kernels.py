@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.infer import qlinear
-from lmforge.infer.qlinear import (KERNEL_ENV, HeadKernel, Int4Tinygemm, Int8Dynamic, Int8WeightOnly, choose_kernels,
-                                   kernel_bytes)
+from lmforge.infer.qlinear import (KERNEL_ENV, FusedInt8, FusedPart, HeadKernel, Int4Tinygemm, Int8Dynamic, Int8WeightOnly,
+                                   choose_kernels, kernel_bytes)
 from lmforge.infer.quantize import QuantLinear, linear_weight_bytes, quantize_model
 from lmforge.model import ModelConfig, Transformer
 
@@ -97,13 +97,14 @@ def test_choose_kernels_modes(monkeypatch):
     model = _tied_model(8)
     now = linear_weight_bytes(model)[0]
     report = choose_kernels(model, "fused")
-    assert {r["kernel"] for r in report} == {"int8_dynamic", "int8_dynamic (head copy)"}
+    assert {r["kernel"] for r in report} == {"int8_dynamic", "int8_dynamic (fused)", "int8_dynamic (head copy)"}
     assert linear_weight_bytes(model)[0] == now  # the packed weights stand in for qweight
     assert isinstance(model.lm_head.decode_matmul, HeadKernel)
     assert kernel_bytes(model) == 128 * 512 + 4 * 512  # the tied head's int8 copy and its scales
     report = choose_kernels(model, "reference")
     assert {r["kernel"] for r in report} == {"reference"}
     assert all(m.kernel is None for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(block.self_attn.fused_qkv is None and block.mlp.fused_gate_up is None for block in model.layers)
     assert model.lm_head.decode_matmul is None and kernel_bytes(model) == 0
     monkeypatch.setenv(KERNEL_ENV, "int8_weight_only")
     assert {r["kernel"] for r in choose_kernels(model) if "head" not in r["shape"]} == {"int8_weight_only"}
@@ -140,3 +141,38 @@ def test_head_copy_is_rebuilt_when_the_embedding_changes():
         assert rel(model.lm_head(x), 2 * y0) < 0.03
         ref = torch.nn.functional.linear(x, model.embed_tokens.weight)
         assert rel(model.lm_head(x), ref) < 0.03
+
+
+def test_fused_projections_are_the_layers_rows_and_their_only_copy():
+    model = _tied_model(8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    now = linear_weight_bytes(model)[0]
+    x = torch.randint(0, 512, (2, 9))
+    choose_kernels(model, "int8_dynamic")  # every layer on its own packed weight
+    with torch.inference_mode():
+        separate = model(x)[0]
+    report = choose_kernels(model, "fused")
+    fused_rows = [r for r in report if r["kernel"] == FusedInt8.name]
+    assert [r["shape"] for r in fused_rows] == ["int8 q/k/v 128->128+128+128", "int8 gate/up 128->384+384"]
+    assert all(r["layers"] == 2 for r in fused_rows)
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        assert isinstance(attn.fused_qkv, FusedInt8) and isinstance(mlp.fused_gate_up, FusedInt8)
+        assert all(isinstance(m.kernel, FusedPart) and m._buffers["qweight"] is None
+                   for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj))
+        h = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            for layer, part in zip((attn.q_proj, attn.k_proj, attn.v_proj), attn.fused_qkv(h)):
+                ref = torch.nn.functional.linear(h, layer.dequantized_weight(), layer.bias)
+                assert rel(part, ref) < 0.03
+                assert torch.allclose(layer(h), part)  # a part called alone: its rows of the fused product
+    assert linear_weight_bytes(model)[0] == now and kernel_bytes(model) == 128 * 512 + 4 * 512  # nothing doubled
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.inference_mode():
+        fused = model(x)[0]
+    # same activations' scale per product (one input), same int8 rows: the fused model equals the separate one
+    assert rel(fused, separate) < 1e-5
+    choose_kernels(model, "reference")
+    assert all(m.kernel is None and torch.equal(m.qweight, before[n + ".qweight"])
+               for n, m in model.named_modules() if isinstance(m, QuantLinear))

@@ -80,6 +80,10 @@ class DecodeStep:
         self.model = model
         self.config = model.config
         self.transposed = transposed and all(_plain(m) and m.weight.is_floating_point() for m in _linears(model))
+        # quantized models: activations in rows, (B, C), every product through the layer's own
+        # kernel (or the block's fused q/k/v and gate/up, qlinear.fuse_projections): their W8A8
+        # kernels take rows, so the transposed layout would add two copies per product
+        self.row_major = any(type(m) is QuantLinear for m in _linears(model))
         self._stamp = None
         # the modules whose weights and biases the copies are made from: checking only their
         # tensors' identity and version each step is far cheaper than walking model.parameters()
@@ -154,7 +158,10 @@ class DecodeStep:
     @torch.inference_mode()
     def step_rows(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row, row b at cache slot cache.pos[b]; advances cache.pos.
-        idx (B, 1) -> logits (B, 1, V). Activations stay transposed, (features, B)."""
+        idx (B, 1) -> logits (B, 1, V). Activations stay transposed, (features, B), but for
+        quantized models (`_step_rows_q`)."""
+        if self.row_major:
+            return self._step_rows_q(idx, cache)
         c = self.config
         B = idx.shape[0]
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
@@ -188,3 +195,40 @@ class DecodeStep:
             xt = xt + _linear_t(down_proj, act)
         cache.pos.add_(1)
         return _linear_t(model.lm_head, normalized(xt, model.norm)).t()[:, None]  # (B, 1, V)
+
+    @torch.inference_mode()
+    def _step_rows_q(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`step_rows` with the activations in rows (B, C), each product through its module or
+        its block's fused hook: the quantized models' layout."""
+        c = self.config
+        B = idx.shape[0]
+        H, K, D = c.n_head, c.n_kv_head, c.head_dim
+        pos = cache.pos  # (B,)
+        n_keys = int(pos.max()) + 1
+        if n_keys > cache.max_len or n_keys > c.block_size or int(pos.min()) < 0:
+            raise ValueError(f"KV cache positions {pos.tolist()} out of range for max_len={cache.max_len}")
+        model = self.model
+        x = model.embed_tokens.weight[idx[:, 0]]  # (B, C)
+        if B == 1:  # one row: plain slices, no mask
+            p = n_keys - 1
+            cos, sin, where, mask = model.rope_cos[p], model.rope_sin[p], (slice(None), slice(None), p), None
+        else:
+            cos, sin = model.rope_cos[pos][:, None], model.rope_sin[pos][:, None]  # (B, 1, D)
+            where = (torch.arange(B, device=idx.device), slice(None), pos)
+            mask = (torch.arange(n_keys, device=idx.device) <= pos[:, None])[:, None, None]  # (B, 1, 1, L)
+        for i, block in enumerate(model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            h = block.input_layernorm(x)
+            q, k, v = attn.fused_qkv(h) if attn.fused_qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            qk = apply_rope(torch.cat([q, k], 1).view(B, H + K, D), cos, sin)  # (B, H+K, D)
+            ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
+            ck[where] = qk[:, H:]
+            cv[where] = v.reshape(B, K, D)
+            y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, :n_keys], cv[:, :, :n_keys], attn_mask=mask,
+                                               enable_gqa=H != K)  # (B, H, 1, D)
+            x = x + attn.o_proj(y.view(B, H * D))
+            h = block.post_attention_layernorm(x)
+            gate, up = mlp.fused_gate_up(h) if mlp.fused_gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+            x = x + mlp.down_proj(F.silu(gate).mul_(up))
+        cache.pos.add_(1)
+        return model.lm_head(model.norm(x))[:, None]  # (B, 1, V)

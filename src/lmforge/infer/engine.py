@@ -25,7 +25,6 @@ from lmforge.infer.decode_step import DecodeStep
 from lmforge.infer.decode_step import supports as decode_step_supports
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.qlinear import choose_kernels
-from lmforge.infer.quantize import QuantLinear
 from lmforge.infer.rows import Completion, Request, Row, StreamEvent, cache_rows, eval_mode, forward_last
 from lmforge.infer.sampling import BatchParams, SamplingParams, choose_tokens
 from lmforge.infer.speculative import speculative_stream
@@ -290,11 +289,10 @@ class Engine:
         # Linear weights: the DecodeStep's fused copies, or the Linear layers' own (cpu_matmul.py,
         # which also gives every Linear its few-row paths for prefills and several rows). Above the
         # limit, decoding reads the model's own weights.
-        # Quantized models stay on their own forward: through the lean step their fused kernels
-        # decoded 30% slower at batch 1 (qwen2.5-0.5b int8: 13.2 vs 18.6 tok/s, docs/BENCHMARKS.md).
+        # Quantized models take the lean step's row layout (their kernels' own; through the
+        # transposed one they decoded 30% slower than through their forward, docs/BENCHMARKS.md).
         on_cpu = next(model.parameters()).device.type == "cpu"
-        quantized = any(isinstance(m, QuantLinear) for m in model.modules())
-        lean = on_cpu and decode_step_supports(model) and not quantized
+        lean = on_cpu and decode_step_supports(model)
         small = linear_bytes(model) <= TRANSPOSED_MAX_BYTES
         self.decode_step = DecodeStep(model, transposed=small) if lean else None
         keep_transposed_weights(model, on=not lean, max_bytes=TRANSPOSED_MAX_BYTES)

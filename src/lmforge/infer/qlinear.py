@@ -216,9 +216,12 @@ def _measure(layers: list[QuantLinear], kernels: list, rows: int) -> tuple[str, 
 def choose_kernels(model: nn.Module, mode: str | None = None, rows: int = 1) -> list[dict]:
     """Install a kernel in every QuantLinear of `model`: per distinct (bits, in, out, group,
     bias, device) the fastest at `rows` rows (measured once per process) or what `mode` says.
-    Also gives a tied fp32 head an int8 decode copy (`head_kernel`) unless mode is reference.
+    Then fuses each block's int8 q/k/v and gate/up into one matrix where that is faster
+    (`fuse_projections`), and gives a tied fp32 head an int8 decode copy (`head_kernel`) unless
+    mode is reference.
     Returns one record per shape: {"shape", "layers", "kernel", "us"} (us: measured times)."""
     mode = kernel_mode(mode)
+    unfuse_projections(model)
     groups: dict[tuple, list[QuantLinear]] = {}
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -228,6 +231,7 @@ def choose_kernels(model: nn.Module, mode: str | None = None, rows: int = 1) -> 
     report = []
     for key, layers in groups.items():
         report.append(_choose_group(key, layers, mode, rows))
+    report += fuse_projections(model, mode, rows)
     head = install_head_kernel(model, mode, rows) if groups else None
     if head is not None:
         report.append(head)
@@ -256,6 +260,144 @@ def _choose_group(key: tuple, layers: list[QuantLinear], mode: str, rows: int) -
     bits, I, O, group, bias, device = key
     return {"shape": f"int{bits} {I}->{O}" + (f" g{group}" if group else "") + (" +bias" if bias else ""),
             "layers": len(layers), "kernel": name, "us": us}
+
+
+class FusedInt8:
+    """One prepacked int8 matrix for sibling layers that read the same input (a block's q/k/v,
+    or gate/up): `fused(x)` -> one output per layer, views of a single W8A8 product. The stacked
+    rows are the layers' own (q, scale, bias): per-output-channel scales make the concatenation
+    exact, so each part equals its layer's `int8_dynamic` product (up to the activations'
+    rounding, whose range now spans the siblings' common input: the same input, so the same
+    scale). It is the layers' only weight copy: each becomes a `FusedPart` of it."""
+
+    name = "int8_dynamic (fused)"
+
+    def __init__(self, layers: list[QuantLinear]):
+        q = torch.cat([layer.int_weight() for layer in layers])
+        scale = torch.cat([layer.scale for layer in layers])
+        biased = [layer.bias is not None for layer in layers]
+        if any(biased) and not all(biased):
+            raise ValueError("fused layers must all have a bias or none")
+        bias = torch.cat([layer.bias.detach().float() for layer in layers]) if all(biased) else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+        self.reduce_range = not cpu_has_vnni()
+        self.sizes = [layer.out_features for layer in layers]
+        self.bounds = [sum(self.sizes[:i]) for i in range(len(layers) + 1)]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self.packed, self.reduce_range)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.bounds[-1])
+        return y.split(self.sizes, -1)
+
+    def qweight(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, _ = torch.ops.quantized.linear_unpack(self.packed)
+            return w.int_repr()
+
+
+class FusedPart:
+    """A fused layer's kernel: its rows of a `FusedInt8`. Called alone it computes every
+    sibling's product and keeps its own (correct, not fast: the block calls the fused matrix
+    through its hook); `qweight()` unpacks its rows for `state_dict()`."""
+
+    name = "int8_dynamic (fused)"
+    replaces_qweight = True
+
+    def __init__(self, fused: FusedInt8, index: int):
+        self.fused, self.index = fused, index
+        self.nbytes = 0  # counted once, in the fused matrix
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[self.index]
+
+    def qweight(self) -> torch.Tensor:
+        lo, hi = self.fused.bounds[self.index], self.fused.bounds[self.index + 1]
+        return self.fused.qweight()[lo:hi].clone()
+
+
+def _sibling_groups(model: nn.Module) -> list[tuple[nn.Module, str, list]]:
+    """(module, hook name, layers) for every attention's q/k/v and SwiGLU/GeGLU MLP's gate/up
+    whose layers are all int8 QuantLinear layers on the CPU."""
+    groups = []
+    for m in model.modules():
+        if hasattr(type(m), "fused_qkv"):
+            groups.append((m, "fused_qkv", [m.q_proj, m.k_proj, m.v_proj]))
+        elif hasattr(type(m), "fused_gate_up") and getattr(m, "activation", "gelu") != "gelu":
+            groups.append((m, "fused_gate_up", [m.gate_proj, m.up_proj]))
+    return [(m, hook, layers) for m, hook, layers in groups
+            if all(type(layer) is QuantLinear and Int8Dynamic.applies(layer) for layer in layers)]
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Undo `fuse_projections`: every fused layer gets its own weight back (the reference path)."""
+    for m in model.modules():
+        for hook in ("fused_qkv", "fused_gate_up"):
+            if m.__dict__.get(hook) is not None:
+                setattr(m, hook, None)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and isinstance(m.kernel, FusedPart):
+            m.set_kernel(None)
+
+
+def fuse_projections(model: nn.Module, mode: str = "auto", rows: int = 1) -> list[dict]:
+    """Give each block's int8 q/k/v (and gate/up) one fused matrix (`FusedInt8`) through the
+    model's `fused_qkv` / `fused_gate_up` hooks, where that is faster (auto: timed once per
+    shape against the layers' installed kernels, at `rows` rows and PREFILL_ROWS, and checked
+    against the reference within MAX_REL_ERROR) or where mode asks for fused kernels (`fused`,
+    `int8_dynamic`). Memory is unchanged: the fused matrix replaces the layers' own."""
+    if mode not in ("auto", "fused", Int8Dynamic.name):
+        return []
+    by_shape: dict[tuple, list] = {}
+    for m, hook, layers in _sibling_groups(model):
+        key = (hook, tuple((layer.in_features, layer.out_features, layer.bias is not None) for layer in layers))
+        by_shape.setdefault(key, []).append((m, layers))
+    report = []
+    for (hook, shapes), members in by_shape.items():
+        us: dict = {}
+        cache_key = ("fused", hook, shapes, rows, torch.get_num_threads())
+        if mode != "auto":
+            fuse = True
+        else:
+            if cache_key not in _CHOICES:
+                _CHOICES[cache_key], us = _measure_fusion(members[:4], rows)
+            fuse = _CHOICES[cache_key]
+        if fuse:
+            for m, layers in members:
+                fused = FusedInt8(layers)
+                for i, layer in enumerate(layers):
+                    layer.set_kernel(FusedPart(fused, i))
+                setattr(m, hook, fused)
+        what = "q/k/v" if hook == "fused_qkv" else "gate/up"
+        report.append({"shape": f"int8 {what} {shapes[0][0]}->{'+'.join(str(o) for _, o, _ in shapes)}",
+                       "layers": len(members), "kernel": FusedInt8.name if fuse else "separate", "us": us})
+    return report
+
+
+def _measure_fusion(members: list, rows: int) -> tuple[bool, dict]:
+    """Whether one fused product beats the layers' own kernels at `rows` rows without being
+    slower at PREFILL_ROWS, and agrees with the reference; the times in microseconds, named as
+    `_measure` names them ("separate", FusedInt8.name, and the same "@64")."""
+    layers0 = members[0][1]
+    fused = [FusedInt8(layers) for _, layers in members]
+    gen = torch.Generator().manual_seed(0)
+    times: dict = {}
+    for n, suffix in ((rows, ""), (PREFILL_ROWS, f"@{PREFILL_ROWS}")):
+        x = torch.randn(n, layers0[0].in_features, generator=gen)
+        times["separate" + suffix] = _time_per_layer(lambda ls, x: [layer(x) for layer in ls], [ls for _, ls in members], x)
+        times[FusedInt8.name + suffix] = _time_per_layer(lambda f, x: f(x), fused, x)
+        if n == rows:
+            with torch.inference_mode():
+                for layer, part in zip(layers0, fused[0](x)):
+                    ref = nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+                    if float((part - ref).norm() / ref.norm().clamp(min=1e-12)) > MAX_REL_ERROR:
+                        return False, {}
+    slower_on_prompts = times[FusedInt8.name + f"@{PREFILL_ROWS}"] > times[f"separate@{PREFILL_ROWS}"]
+    fuse = times[FusedInt8.name] < times["separate"] and not slower_on_prompts
+    return fuse, {name: round(1e6 * t, 1) for name, t in times.items() if not (slower_on_prompts and name == FusedInt8.name)}
 
 
 class HeadKernel:
@@ -338,5 +480,5 @@ def kernel_bytes(model: nn.Module) -> int:
     return total
 
 
-__all__ = ["KERNEL_ENV", "KERNELS", "MODES", "Int8Dynamic", "Int8WeightOnly", "Int4Tinygemm", "HeadKernel",
-           "choose_kernels", "install_head_kernel", "kernel_bytes", "kernel_mode", "cpu_has_vnni"]
+__all__ = ["KERNEL_ENV", "KERNELS", "MODES", "Int8Dynamic", "Int8WeightOnly", "Int4Tinygemm", "FusedInt8", "FusedPart",
+           "HeadKernel", "choose_kernels", "fuse_projections", "unfuse_projections", "install_head_kernel", "kernel_bytes", "kernel_mode", "cpu_has_vnni"]

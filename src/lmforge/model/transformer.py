@@ -37,7 +37,13 @@ from lmforge.model.moe import MoEFeedForward
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped-query attention (Ainslie et al. 2023):
     K = n_kv_head key/value heads are shared by H/K query heads each. On a sliding layer
-    (Mistral; Gemma 3's local layers) a query sees only the last `sliding_window` positions."""
+    (Mistral; Gemma 3's local layers) a query sees only the last `sliding_window` positions.
+
+    `fused_qkv` is an inference hook like `Linear.decode_matmul`: when set (x -> (q, k, v), e.g.
+    one int8 matrix for the three projections, `lmforge.infer.qlinear.fuse_projections`),
+    products without gradients go through it. The model never sets it."""
+
+    fused_qkv = None
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -59,9 +65,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, step: _Step | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if self.fused_qkv is not None and not torch.is_grad_enabled():
+            q, k, v = self.fused_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
@@ -88,7 +98,10 @@ class CausalSelfAttention(nn.Module):
 # --------------------------------------------------------------------------------------------
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); GeGLU (same paper; Gemma's tanh GELU):
-    down(gelu_tanh(gate(x)) * up(x)); or GPT-2's down(gelu_tanh(up(x)))."""
+    down(gelu_tanh(gate(x)) * up(x)); or GPT-2's down(gelu_tanh(up(x))). `fused_gate_up` is an
+    inference hook (x -> (gate(x), up(x)) from one matrix), set like `CausalSelfAttention.fused_qkv`."""
+
+    fused_gate_up = None
 
     def __init__(self, config: ModelConfig, hidden: int | None = None):
         super().__init__()
@@ -101,10 +114,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if self.activation == "geglu":
-            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.activation != "gelu":
+            if self.fused_gate_up is not None and not torch.is_grad_enabled():
+                gate, up = self.fused_gate_up(x)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            if self.activation == "swiglu":
+                return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
