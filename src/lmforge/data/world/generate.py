@@ -3,8 +3,8 @@
 Layout of `out_dir` (every file written atomically; the same seed gives the same bytes):
     pretrain/<kind>.jsonl    {"text": ...} one document per line; `size` bytes in all, split by `mix`
     chat/sft.jsonl           {"messages": [...]}                      (4% of size)
-    chat/tools.jsonl         {"messages": [...], "tools": [...]}      (2% of size)
-    chat/grounded.jsonl      {"messages": [...]}: answers from numbered sources, cited (1% of size)
+    chat/tools.jsonl         {"messages": [...], "tools": [...]}      (4% of size)
+    chat/grounded.jsonl      {"messages": [...]}: answers from numbered sources, cited (4% of size)
     preferences/pairs.jsonl  {"prompt", "chosen", "rejected", "reason"} (2% of size)
     rag/documents.jsonl      {"id", "title", "text"}: unseen entities' articles only
     eval/<task>.jsonl        one EvalItem per line (EvalItem.from_dict reads it back)
@@ -26,7 +26,7 @@ from lmforge.io import atomic_path, atomic_write_json
 
 from .world import DEFAULT_MIX, PRETRAIN_KINDS, World
 
-CHAT_FRACTIONS = {"chat/sft.jsonl": 0.04, "chat/tools.jsonl": 0.02, "chat/grounded.jsonl": 0.01,
+CHAT_FRACTIONS = {"chat/sft.jsonl": 0.04, "chat/tools.jsonl": 0.04, "chat/grounded.jsonl": 0.04,
                   "preferences/pairs.jsonl": 0.02}
 MIN_CHAT_BYTES = 20_000
 _ENCODER = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps(ensure_ascii=False) builds one per call
