@@ -14,6 +14,16 @@ from lmforge.prompting import prompts, rag
 
 
 def register(subparsers):
+    _register_ask(subparsers)
+    parser = add_command(subparsers, "rag", "retrieval-augmented generation on one SQLite index")
+    parser.set_defaults(_parser=parser)
+    sub = parser.add_subparsers(title="commands", metavar="<command>")
+    _register_rag_index(sub)
+    _register_rag_search(sub)
+    _register_rag_ask(sub)
+
+
+def _register_ask(subparsers):
     p = add_command(subparsers, "ask", "answer one question with a prompting strategy: few-shot, chain-of-thought, self-consistency, system prompt",
                     func=cmd_ask)
     p.add_argument("question", help="the question")
@@ -34,9 +44,8 @@ def register(subparsers):
     p.add_argument("--max-tool-calls", type=int, default=4, help="stop the tool loop after this many calls")
     p.add_argument("--device", default="cpu", help="torch device")
 
-    parser = add_command(subparsers, "rag", "retrieval-augmented generation on one SQLite index")
-    parser.set_defaults(_parser=parser)
-    sub = parser.add_subparsers(title="commands", metavar="<command>")
+
+def _register_rag_index(sub):
     p = add_command(sub, "index", "index .txt, .md, .jsonl files and directories (incremental: changed documents re-chunked, deleted ones removed)",
                     func=cmd_index)
     p.add_argument("--docs", nargs="+", required=True, help="files and directories to index")
@@ -50,6 +59,8 @@ def register(subparsers):
                        help="embed with this local sentence-transformers model directory (pip install sentence-transformers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _register_rag_search(sub):
     p = add_command(sub, "search", "print the best chunks for a query, with their scores", func=cmd_search)
     p.add_argument("query", help="what to look for (any text: punctuation is safe)")
     p.add_argument("--db", required=True, help="the SQLite index file")
@@ -60,6 +71,8 @@ def register(subparsers):
                    help=f"vector search: numpy (in memory), sqlite-vec (plain-cosine embedders) or auto; "
                         f"none: ${rag.VECTOR_BACKEND_ENV}, else auto")
 
+
+def _register_rag_ask(sub):
     p = add_command(sub, "ask", "answer from retrieved sources, with citations; says when the documents do not contain the answer",
                     func=cmd_rag_ask)
     p.add_argument("question", help="the question")

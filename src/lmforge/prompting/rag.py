@@ -223,19 +223,7 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
     """
     db = Path(db)
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    if not paths:
-        raise ValueError("no document paths given")
-    files = find_document_files(paths)
-    docs = [d for f in files for d in read_documents(f)]
-    if not docs:
-        raise ValueError(f"no documents to index in {', '.join(map(str, paths))} (looked for non-empty {', '.join(SUFFIXES)} files)")
-    seen_ids: dict[tuple[str, str], int] = {}
-    for d in docs:
-        key = (d.path, d.doc_id)
-        if key in seen_ids:
-            raise ValueError(f"{d.path}: document id {d.doc_id!r} appears twice")
-        seen_ids[key] = 1
-
+    files, docs = _collect_documents(paths)
     existed = db.exists()
     conn = _connect(db)
     try:
@@ -245,17 +233,7 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
         conn.close()
         raise ValueError(f"{db}: not an lmforge RAG index ({e})") from None
     try:
-        if new:
-            config = {"chunk_tokens": chunk_tokens, "overlap": overlap, "embedder": (embedder or NgramEmbedder()).config()}
-        else:
-            config = _check_index(conn, db)
-            want = {"chunk_tokens": chunk_tokens, "overlap": overlap}
-            if embedder is not None:
-                want["embedder"] = embedder.config()
-            changed = {k: (config[k], v) for k, v in want.items() if config[k] != v}
-            if changed:
-                raise ValueError(f"{db}: the index was built with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
-                                 f"index into a new file to change them")
+        config = _index_config(conn, db, new, chunk_tokens, overlap, embedder)
         emb = embedder if embedder is not None else embedder_from_config(config["embedder"])
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -276,6 +254,37 @@ def index(db: str | Path, paths: Iterable[str | Path], chunk_tokens: int = 200, 
     finally:
         conn.close()
     return stats
+
+
+def _collect_documents(paths: list[Path]) -> tuple[list[Path], list]:
+    """The document files under `paths` and their documents; a clear error for none or a repeated id."""
+    if not paths:
+        raise ValueError("no document paths given")
+    files = find_document_files(paths)
+    docs = [d for f in files for d in read_documents(f)]
+    if not docs:
+        raise ValueError(f"no documents to index in {', '.join(map(str, paths))} (looked for non-empty {', '.join(SUFFIXES)} files)")
+    seen: set[tuple[str, str]] = set()
+    for d in docs:
+        if (d.path, d.doc_id) in seen:
+            raise ValueError(f"{d.path}: document id {d.doc_id!r} appears twice")
+        seen.add((d.path, d.doc_id))
+    return files, docs
+
+
+def _index_config(conn, db: Path, new: bool, chunk_tokens: int, overlap: int, embedder) -> dict:
+    """A new index's settings, or a stored index's after checking that the call asks for the same."""
+    if new:
+        return {"chunk_tokens": chunk_tokens, "overlap": overlap, "embedder": (embedder or NgramEmbedder()).config()}
+    config = _check_index(conn, db)
+    want = {"chunk_tokens": chunk_tokens, "overlap": overlap}
+    if embedder is not None:
+        want["embedder"] = embedder.config()
+    changed = {k: (config[k], v) for k, v in want.items() if config[k] != v}
+    if changed:
+        raise ValueError(f"{db}: the index was built with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
+                         f"index into a new file to change them")
+    return config
 
 
 def _index_documents(conn, docs, files, paths, config, emb, count_tokens, progress, callback) -> IndexStats:
