@@ -72,3 +72,46 @@ def test_reward_model_with_another_tokenizer_is_refused(setup, tmp_path):
     other, other_tok = tiny_base(tmp_path / "other", world_pairs(20, seed=5), vocab_size=380)
     with pytest.raises(ValueError, match=f"{tok.hash}.*{other_tok.hash}"):
         ppo(other, tmp_path / "o", PPOConfig(reward_model=str(rm)), TrainConfig(max_steps=1, progress=False), log=lambda s: None)
+
+
+def test_ptx_adds_the_policy_cross_entropy_on_sft_rows(setup):
+    """ppo_objective with an SFT batch = the same objective without it + ptx_coef * the policy's
+    mean cross-entropy on that batch's supervised tokens (computed here directly)."""
+    from lmforge.train.ppo import ppo_objective
+    from lmforge.train.sft import SFTBatches, load_base, pack, tokenize
+
+    run, _, _, _, _ = setup
+    base = load_base(run)
+    model = PolicyWithValue(base.model)
+    convs = [[{"role": "user", "content": f"what is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}] for i in range(6)]
+    rows = pack(tokenize(base.render, convs), 64, base.end_id)
+    ptx = next(SFTBatches(rows, 2, seed=0))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, base.model.config.vocab_size, (2, 10), generator=g)
+    mask = torch.ones(2, 9)
+    batch = {"input_ids": ids, "mask": mask, "old_logps": -torch.rand(2, 9, generator=g), "old_values": torch.zeros(2, 9),
+             "advantages": torch.randn(2, 9, generator=g), "returns": torch.randn(2, 9, generator=g), "stats": {}}
+    plain, _ = ppo_objective(model, batch)
+    with_ptx, metrics = ppo_objective(model, {**batch, "ptx": ptx}, ptx_coef=0.5)
+    logits, _ = base.model(ptx["idx"], positions=ptx["positions"], segment_ids=ptx["segment_ids"])
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ptx["targets"].flatten(), ignore_index=-100)
+    torch.testing.assert_close(with_ptx, plain + 0.5 * ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["ptx_loss"], ce, rtol=1e-5, atol=1e-5)
+    with_ptx.backward()  # one forward call: the SFT rows' gradient reaches the policy through the same graph
+    assert base.model.embed_tokens.weight.grad is not None
+
+
+def test_ppo_with_ptx_runs_end_to_end(setup, tmp_path):
+    run, rm, _, _, d = setup
+    convs = write_jsonl(tmp_path / "demos.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                                  {"role": "assistant", "content": f"hello {i}."}]} for i in range(8)])
+    cfg = PPOConfig(reward_model=str(rm), rollout_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=4, eval_prompts=2,
+                    ptx_coef=1.0, ptx_data=(str(convs),), ptx_batch_size=2)
+    out = tmp_path / "ppo"
+    ppo(run, out, cfg, TrainConfig(max_steps=3, lr=1e-3, warmup_steps=0, log_interval=1, ckpt_interval=3, progress=False),
+        log=lambda s: None)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ptx_losses = [r["ptx_loss"] for r in recs if "ptx_loss" in r]
+    assert len(ptx_losses) == 3 and all(math.isfinite(v) and v > 0 for v in ptx_losses)
+    state = json.loads((out / "ppo_config.json").read_text())
+    assert state["ppo"]["ptx_coef"] == 1.0

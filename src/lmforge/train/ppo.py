@@ -32,7 +32,8 @@ from lmforge.train.hooks import TrainHooks
 from lmforge.train.logps import check_same_tokenizer, pad_rollouts, read_preferences, split_heldout, token_logps
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.reward import RewardScorer, default_preferences
-from lmforge.train.sft import load_base, write_tokenizer_files
+from lmforge.train.sft import SFTBatches, load_base, pack, read_conversations, tokenize, write_tokenizer_files
+from lmforge.train.sft import default_data as sft_default_data
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -144,7 +145,9 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: 
 class PolicyWithValue(nn.Module):
     """The policy transformer plus a scalar value head on its final hidden states (read through a
     forward hook on the final norm while forward runs, so the transformer is unchanged and the
-    engine samples from `self.policy` directly). forward(idx) -> (logits (B, T, V), values (B, T))."""
+    engine samples from `self.policy` directly). forward(idx) -> (logits (B, T, V), values (B, T));
+    forward(idx, ptx=batch) also returns the policy's mean cross-entropy on an SFT batch (PPO-ptx),
+    in the same call, so DDP sees one forward per backward."""
 
     def __init__(self, policy: nn.Module):
         super().__init__()
@@ -153,14 +156,19 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, idx: torch.Tensor):
+    def forward(self, idx: torch.Tensor, ptx: dict | None = None):
         hidden = []
         handle = self.policy.norm.register_forward_hook(lambda mod, inp, out: hidden.append(out))
         try:
             logits, _ = self.policy(idx)
         finally:
             handle.remove()
-        return logits, self.value_head(hidden[-1].float()).squeeze(-1)
+        values = self.value_head(hidden[-1].float()).squeeze(-1)
+        if ptx is None:
+            return logits, values
+        _, ptx_loss = self.policy(ptx["idx"], targets=ptx["targets"], positions=ptx.get("positions"),
+                                  segment_ids=ptx.get("segment_ids"), return_logits=False)
+        return logits, values, ptx_loss
 
 
 class AdaptiveKL:
@@ -201,6 +209,11 @@ class PPOConfig:
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "subtracted from the score of a completion that never ends"})
     whiten_rewards: bool = field(default=False, metadata={"help": "whiten the per-token rewards before GAE"})
     eval_prompts: int = field(default=32, metadata={"help": "held-out prompts (mean reward-model score of greedy answers)"})
+    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx (Ouyang et al. 2022): add this times the policy's cross-entropy "
+                                                          "on SFT demonstrations to each step's loss, against the alignment tax; 0: off"})
+    ptx_data: tuple[str, ...] = field(default=(), metadata={"help": "conversation JSONL files for PPO-ptx; empty: the world's SFT "
+                                                            "files (what `lmforge sft` trains on)"})
+    ptx_batch_size: int = field(default=4, metadata={"help": "packed SFT rows per step for PPO-ptx"})
 
 
 PPO_TRAIN_DEFAULTS = {"max_steps": 40, "lr": 1e-5, "warmup_steps": 0, "min_lr_ratio": 1.0, "schedule": "constant",
@@ -214,12 +227,13 @@ class PPORollouts:
     state_dict(): prompt position and step; a resumed run starts a fresh rollout."""
 
     def __init__(self, model: PolicyWithValue, tokenizer, prompts: list[list[dict]], render, scorer, ref_model, config: PPOConfig,
-                 end_id: int, pad_id: int, seed: int = 0, rank: int = 0, world: int = 1, device="cpu"):
+                 end_id: int, pad_id: int, seed: int = 0, rank: int = 0, world: int = 1, device="cpu", ptx=None):
         if not prompts:
             raise ValueError("no prompts to sample from")
         self.model, self.tokenizer, self.prompts, self.render, self.scorer = model, tokenizer, prompts, render, scorer
         self.ref_model, self.config, self.end_id, self.pad_id = ref_model, config, end_id, pad_id
         self.seed, self.rank, self.world, self.device = seed, rank, world, device
+        self.ptx = ptx  # SFTBatches for PPO-ptx: one batch joins each minibatch
         self.engine = Engine(model.policy, tokenizer)  # kept across optimizer steps
         self.kl = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
         self.position = self.step = 0
@@ -274,19 +288,29 @@ class PPORollouts:
         if not self._queue:
             self._rollout()
         self.step += 1
-        return self._queue.pop(0)
+        batch = self._queue.pop(0)
+        return batch if self.ptx is None else {**batch, "ptx": next(self.ptx)}
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "step": self.step, "kl_coef": self.kl.coef}
+        state = {"position": self.position, "step": self.step, "kl_coef": self.kl.coef}
+        return state if self.ptx is None else {**state, "ptx": self.ptx.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.position, self.step, self.kl.coef = int(state["position"]), int(state["step"]), float(state["kl_coef"])
+        if self.ptx is not None and "ptx" in state:
+            self.ptx.load_state_dict(state["ptx"])
         self._queue = []
 
 
-def ppo_objective(model, batch: dict, clip: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1) -> tuple[torch.Tensor, dict]:
-    """Clipped policy loss + vf_coef * clipped value loss on one minibatch of a rollout."""
-    logits, values = model(batch["input_ids"])
+def ppo_objective(model, batch: dict, clip: float = 0.2, value_clip: float = 0.2, vf_coef: float = 0.1,
+                  ptx_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Clipped policy loss + vf_coef * clipped value loss on one minibatch of a rollout
+    (+ ptx_coef * the policy's mean cross-entropy on the batch's SFT rows, when it has them)."""
+    ptx = batch.get("ptx")
+    if ptx is not None:
+        logits, values, ptx_loss = model(batch["input_ids"], ptx=ptx)
+    else:
+        logits, values = model(batch["input_ids"])
     logits = logits[:, :-1].float()
     mask = batch["mask"]
     logps = token_logps(logits, batch["input_ids"][:, 1:]) * mask
@@ -296,7 +320,12 @@ def ppo_objective(model, batch: dict, clip: float = 0.2, value_clip: float = 0.2
     with torch.no_grad():
         probs = torch.softmax(logits, -1)
         entropy = masked_mean(-(probs * torch.log_softmax(logits, -1)).sum(-1), mask)
-    return pg_loss + vf_coef * vf_loss, {
+    loss = pg_loss + vf_coef * vf_loss
+    extra = {}
+    if ptx is not None:
+        loss = loss + ptx_coef * ptx_loss
+        extra["ptx_loss"] = ptx_loss.detach()
+    return loss, {**extra,
         "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "clip_frac": clip_frac, "value_clip_frac": vf_clip_frac,
         "entropy": entropy, "explained_variance": explained_variance(values.detach(), batch["returns"], mask),
         **batch["stats"], "n_tokens": int(mask.sum())}
@@ -349,6 +378,23 @@ def heldout_score(policy, tokenizer, render, scorer, prompts, max_new_tokens: in
     return sum(scorer(prompts, [o.text for o in out])) / len(prompts)
 
 
+def _ptx_batches(config: PPOConfig, base, out: Path, pad_id: int, seed: int, rank: int, world: int, device):
+    """PPO-ptx's SFT rows (packed to the policy's context, the supervised tokens those of SFT), or None."""
+    if config.ptx_coef <= 0:
+        return None
+    if config.ptx_data:
+        files = [Path(p) for p in config.ptx_data]
+    else:
+        files = sft_default_data(Path(config.world_dir) if config.world_dir else out / "world", seed)
+    conversations, sources = [], []
+    for f in files:
+        convs = read_conversations(f)
+        conversations += convs
+        sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
+    rows = pack(tokenize(base.render, conversations, sources), base.model.config.block_size, pad_id)
+    return SFTBatches(rows, config.ptx_batch_size, seed, rank, world, device)
+
+
 def ppo(policy_path: str | Path, out: str | Path, config: PPOConfig, train_config: TrainConfig | None = None,
         resume: bool = False, progress: bool = True, log=print) -> dict:
     """PPO from the model in `policy_path` against `config.reward_model`; writes the run directory
@@ -376,7 +422,7 @@ def ppo(policy_path: str | Path, out: str | Path, config: PPOConfig, train_confi
     pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
     model = PolicyWithValue(base.model)
     data = PPORollouts(model, base.tokenizer, train_prompts, base.render, scorer, ref_model, config, base.end_id, pad_id,
-                       train_config.seed, rank, world, device)
+                       train_config.seed, rank, world, device, ptx=_ptx_batches(config, base, out, pad_id, train_config.seed, rank, world, device))
     resolved = {"policy": str(policy_path), "ppo": asdict(config), "train": asdict(train_config),
                 "train_prompts": len(train_prompts), "heldout_prompts": len(heldout), "world_size": world}
     if rank == 0:
@@ -391,7 +437,8 @@ def ppo(policy_path: str | Path, out: str | Path, config: PPOConfig, train_confi
     def evaluate(m):
         return {"heldout_score": score(getattr(m, "module", m).policy)} if heldout else {}
 
-    objective = functools.partial(ppo_objective, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef)
+    objective = functools.partial(ppo_objective, clip=config.clip, value_clip=config.value_clip, vf_coef=config.vf_coef,
+                                  ptx_coef=config.ptx_coef)
     train_config.progress = train_config.progress and progress
     t0 = time.time()
     summary = train(model, objective, data, train_config, out, evaluate=evaluate, resume=resume, hooks=TrainHooks())
