@@ -1,10 +1,12 @@
 """PPO for language models (Schulman et al. 2017; Ouyang et al. 2022): a policy with a value head
 samples completions, a reward model scores them, a per-token KL penalty keeps the policy near a
 frozen reference, and clipped policy and value losses take several epochs over the rollouts.
+With ptx_coef > 0 (InstructGPT's PPO-ptx) each step also takes the policy's cross-entropy on a
+batch of SFT demonstrations, which keeps what SFT taught while the policy chases the reward.
 
 Loss functions (plain functions of tensors; (B, T) are rows x completion tokens, mask 1 on real tokens):
     masked_mean, whiten, kl_penalty, gae, policy_loss, value_loss, explained_variance
-PolicyWithValue(policy)   the model passed to train: forward(idx) -> (logits, values)
+PolicyWithValue(policy)   the model passed to train: forward(idx[, ptx]) -> (logits, values[, ptx loss])
 PPORollouts               batch source: rollout, reward-model scores, KL penalty, GAE, minibatches
 ppo(policy, out, PPOConfig, TrainConfig) -> summary   the stage (writes reward_kl.png)
 """
