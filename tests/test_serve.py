@@ -690,8 +690,13 @@ def test_serving_run_directories(tmp_path, model, tok):
             served, _ = load_run(path)  # what the run directory holds (int8 weights for the quantized run)
             assert r.choices[0].message.content == engine_text(served, tok, ids, **chat_params(tok, max_new_tokens=4, temperature=0))
             first[path] = {bytes(t.bytes): t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs}
+    def served_model(path):  # the run's model with the kernels an engine installs (the choices are cached per process)
+        model, tok = load_run(path)
+        Engine(model, tok)
+        return model
+
     with torch.no_grad():  # the quantized server computes the int8 model, not the original one
-        reference = {p: torch.log_softmax(load_run(p)[0](torch.tensor([ids]))[0][0, -1].float(), -1) for p in (run, quant)}
+        reference = {p: torch.log_softmax(served_model(p)(torch.tensor([ids]))[0][0, -1].float(), -1) for p in (run, quant)}
     token_of = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
     for path in (run, quant):
         other = quant if path == run else run

@@ -224,8 +224,10 @@ class DecodeStep:
             ck, cv = cache.k[i], cache.v[i]  # (B, K, S, D)
             ck[where] = qk[:, H:]
             cv[where] = v.reshape(B, K, D)
-            y = F.scaled_dot_product_attention(qk[:, :H, None], ck[:, :, :n_keys], cv[:, :, :n_keys], attn_mask=mask,
-                                               enable_gqa=H != K)  # (B, H, 1, D)
+            keys, values = ck[:, :, :n_keys], cv[:, :, :n_keys]
+            if keys.dtype != qk.dtype:  # a cache kept in another precision, as the model's forward allows
+                keys, values = keys.to(qk.dtype), values.to(qk.dtype)
+            y = F.scaled_dot_product_attention(qk[:, :H, None], keys, values, attn_mask=mask, enable_gqa=H != K)  # (B, H, 1, D)
             x = x + attn.o_proj(y.view(B, H * D))
             h = block.post_attention_layernorm(x)
             gate, up = mlp.fused_gate_up(h) if mlp.fused_gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
