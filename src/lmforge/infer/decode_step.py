@@ -155,6 +155,14 @@ class DecodeStep:
         cache.pos.fill_(pos + 1)
         return one_row_matmul(normalized(x), self._head_t)[:, None]  # (1, 1, V)
 
+    def _keys_after_step(self, cache: KVCache) -> int:
+        """Keys the longest row attends to after this step; a clear error when a row is out of range."""
+        pos = cache.pos
+        n_keys = int(pos.max()) + 1
+        if n_keys > cache.max_len or n_keys > self.config.block_size or int(pos.min()) < 0:
+            raise ValueError(f"KV cache positions {pos.tolist()} out of range for max_len={cache.max_len}")
+        return n_keys
+
     @torch.inference_mode()
     def step_rows(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row, row b at cache slot cache.pos[b]; advances cache.pos.
@@ -166,9 +174,7 @@ class DecodeStep:
         B = idx.shape[0]
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
         pos = cache.pos  # (B,)
-        n_keys = int(pos.max()) + 1
-        if n_keys > cache.max_len or n_keys > c.block_size or int(pos.min()) < 0:
-            raise ValueError(f"KV cache positions {pos.tolist()} out of range for max_len={cache.max_len}")
+        n_keys = self._keys_after_step(cache)
         model = self.model
         eps = c.norm_eps
         xt = model.embed_tokens.weight[idx[:, 0]].t()  # (C, B)
@@ -204,9 +210,7 @@ class DecodeStep:
         B = idx.shape[0]
         H, K, D = c.n_head, c.n_kv_head, c.head_dim
         pos = cache.pos  # (B,)
-        n_keys = int(pos.max()) + 1
-        if n_keys > cache.max_len or n_keys > c.block_size or int(pos.min()) < 0:
-            raise ValueError(f"KV cache positions {pos.tolist()} out of range for max_len={cache.max_len}")
+        n_keys = self._keys_after_step(cache)
         model = self.model
         x = model.embed_tokens.weight[idx[:, 0]]  # (B, C)
         if B == 1:  # one row: plain slices, no mask

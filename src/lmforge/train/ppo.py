@@ -34,7 +34,7 @@ from lmforge.train.hooks import TrainHooks
 from lmforge.train.logps import check_same_tokenizer, pad_rollouts, read_preferences, split_heldout, token_logps
 from lmforge.train.loop import TrainConfig, train
 from lmforge.train.reward import RewardScorer, default_preferences
-from lmforge.train.sft import SFTBatches, load_base, pack, read_conversations, tokenize, write_tokenizer_files
+from lmforge.train.sft import SFTBatches, load_base, pack, read_conversation_files, tokenize, write_tokenizer_files
 from lmforge.train.sft import default_data as sft_default_data
 
 
@@ -388,11 +388,7 @@ def _ptx_batches(config: PPOConfig, base, out: Path, pad_id: int, seed: int, ran
         files = [Path(p) for p in config.ptx_data]
     else:
         files = sft_default_data(Path(config.world_dir) if config.world_dir else out / "world", seed)
-    conversations, sources = [], []
-    for f in files:
-        convs = read_conversations(f)
-        conversations += convs
-        sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
+    conversations, sources = read_conversation_files(files)
     rows = pack(tokenize(base.render, conversations, sources), base.model.config.block_size, pad_id)
     return SFTBatches(rows, config.ptx_batch_size, seed, rank, world, device)
 

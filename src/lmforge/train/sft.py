@@ -330,14 +330,20 @@ def _data_files(config: SFTConfig, out: Path, seed: int, rank: int) -> list[Path
     return default_data(world_dir, seed)
 
 
-def _split_conversations(files: list[Path], eval_examples: int, seed: int) -> tuple[list, list[str], list]:
-    """(training conversations, their "file: conversation N" sources, held-out conversations):
-    a seeded shuffle, at most eval_examples and a tenth of all held out."""
+def read_conversation_files(files: list[Path]) -> tuple[list, list[str]]:
+    """Every conversation of `files`, and each one's "file: conversation N" (for error messages)."""
     conversations, sources = [], []
     for f in files:
         convs = read_conversations(f)
         conversations += convs
         sources += [f"{f}: conversation {i + 1}" for i in range(len(convs))]
+    return conversations, sources
+
+
+def _split_conversations(files: list[Path], eval_examples: int, seed: int) -> tuple[list, list[str], list]:
+    """(training conversations, their "file: conversation N" sources, held-out conversations):
+    a seeded shuffle, at most eval_examples and a tenth of all held out."""
+    conversations, sources = read_conversation_files(files)
     order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
     n_eval = min(eval_examples, len(conversations) // 10)
     return ([conversations[i] for i in order[n_eval:]], [sources[i] for i in order[n_eval:]],
