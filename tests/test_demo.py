@@ -10,6 +10,7 @@ import lmforge.pipeline.lifecycle as lifecycle
 import lmforge.train.loop as loop
 from lmforge.cli import main
 from lmforge.pipeline import STAGES
+from lmforge.pipeline.lifecycle import DEFAULT_STAGES, DemoConfig
 from lmforge.train.checkpoint import find_checkpoint
 
 TINY = ["--minutes", "0.1", "--size", "150KB", "--preset", "tiny", "--vocab-size", "400", "--batch-size", "4",
@@ -21,8 +22,16 @@ SECTIONS = ["## What each stage bought", "## Training curves", "## Sizes and spe
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(["demo", "--out", str(out), *TINY]) == 0
+    assert main(["demo", "--out", str(out), *TINY]) == 0  # the default: no GRPO
+    assert json.loads((out / "stages" / "eval.json").read_text())["models"] == ["base", "sft", "dpo"]
+    assert not (out / "grpo").exists()
+    # choosing GRPO later trains it from the kept DPO model, and evaluates again with it
+    assert main(["demo", "--out", str(out), *TINY, "--stages", ",".join(STAGES)]) == 0
     return out
+
+
+def test_grpo_is_chosen_not_default():
+    assert "grpo" in STAGES and "grpo" not in DEFAULT_STAGES and DemoConfig().stages == DEFAULT_STAGES
 
 
 def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
@@ -30,15 +39,22 @@ def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
     for stage in STAGES[:-1]:
         result = json.loads((out / "stages" / f"{stage}.json").read_text())
         assert result["seconds"] >= 0, stage
-    for run in ("base", "sft", "dpo"):
+    for run in ("base", "sft", "dpo", "grpo"):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png"):
             assert (out / run / name).is_file(), f"{run}/{name}"
     assert (out / "sft" / "tokenizer_config.json").is_file()  # the chat template travels with the run
     ev = json.loads((out / "stages" / "eval.json").read_text())
-    assert ev["models"] == ["base", "sft", "dpo"] and ev["final"] == "dpo"
-    for key in ("chat", "rag", "tools", "few_shot", "base_tasks"):
+    assert ev["models"] == ["base", "sft", "dpo", "grpo"] and ev["final"] == "grpo"
+    for key in ("chat", "rag", "tools", "few_shot", "base_tasks", "tools_before_grpo"):
         assert key in ev, key
-    assert set(ev["chat"]) == {"base", "sft", "dpo"}
+    assert set(ev["chat"]) == {"base", "sft", "dpo", "grpo"} and ev["tools_before_grpo"]["model"] == "dpo"
+    grpo = json.loads((out / "stages" / "grpo.json").read_text())
+    held = {line for line in (out / "data" / "world" / "eval" / "tool_use.jsonl").read_text().splitlines()}
+    prompts = [json.loads(line) for line in (out / "data" / "grpo_prompts.jsonl").read_text().splitlines()]
+    assert grpo["start"] == "dpo" and grpo["step"] >= 1 and len(prompts) > 100
+    held_prompts = [json.loads(line)["prompt"] for line in held]
+    assert not [p for p in prompts if p["prompt"] in held_prompts]  # never the evaluation's questions
+    assert all(p["answer"] == str(eval(p["prompt"][0]["content"].removeprefix("What is ").rstrip("?"))) for p in prompts[:20])
     for rate in ("closed_book", "rag", "closed_book_hallucination", "citation", "declined_absent",
                  "rag_extract", "rag_extract_hallucination", "citation_extract"):
         assert 0.0 <= ev["rag"][rate] <= 1.0, rate
@@ -49,7 +65,9 @@ def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
     for section in SECTIONS:
         assert section in report, section
     assert "| obeys the system prompt (format or refusal, fact aside) |" in report and "unseen entities" in report and "multiplication" in report
-    assert f"lmforge sft --run {out}/base" in report and f"lmforge chat --run {out}/dpo" in report
+    assert f"lmforge sft --run {out}/base" in report and f"lmforge chat --run {out}/grpo" in report
+    assert "| GRPO on calculator use (dpo -> grpo): exact product with the calculator |" in report
+    assert f"lmforge grpo --run {out}/dpo --data {out}/data/grpo_prompts.jsonl --tools calculator" in report
 
     # the run directories are ordinary runs: eval reads the final one
     assert main(["eval", "--run", str(out / "dpo"), "--world", str(out / "data" / "world"), "--tasks", "system_prompt",
@@ -59,7 +77,7 @@ def test_every_stage_runs_and_the_report_has_every_section(finished, capsys):
 def test_a_rerun_keeps_the_finished_stages(finished, capsys):
     before = {s: (finished / "stages" / f"{s}.json").read_text() for s in STAGES[:-1]}
     mtime = (finished / "dpo" / "model.safetensors").stat().st_mtime_ns
-    assert main(["demo", "--out", str(finished), *TINY]) == 0
+    assert main(["demo", "--out", str(finished), *TINY, "--stages", ",".join(STAGES)]) == 0
     printed = capsys.readouterr().out
     for stage in STAGES[:-1]:
         assert f"{stage}: done in an earlier run" in printed, stage

@@ -78,3 +78,38 @@ def test_world_prompts_draw_task_items_held_out_of_pretraining(base):
     for it in items[:50]:
         a, op, b = it.prompt.split("What is ")[1].split("?")[0].split()
         assert arith.is_heldout(int(a), op, int(b))  # the operand pairs pretraining never shows
+
+
+def test_rollouts_with_tools_train_on_what_the_policy_sampled():
+    """GRPO's rollouts through the tool loop (a scripted model that calls the calculator, then
+    copies its result): each sequence holds the call, the tool turn and the final reply; the loss
+    mask covers only the sampled tokens; `answer` scores the final reply and `tool_result` the
+    call's result (two prompts: one whose answer matches, one whose does not)."""
+    from scripted_model import TOOL_TEXT, call_then_answer, scripted_engine
+    from lmforge.data.chat import render_chat
+    from lmforge.infer.sampling import SamplingParams
+    from lmforge.prompting.tools import ToolRegistry, calculator_tool, run_with_tools
+    from lmforge.tokenizer import train as train_tokenizer
+    from lmforge.train.grpo import GRPORollouts, PromptItem, RolloutConfig, tool_result_reward
+
+    tok = train_tokenizer(TOOL_TEXT, vocab_size=320, workers=1)
+    call = {"name": "calculator", "arguments": {"expression": "4821 * 37"}}
+    engine, model = scripted_engine(tok, call_then_answer(tok, call))
+    messages = [{"role": "user", "content": "What is 4821 * 37?"}]
+    ids, _ = render_chat(tok, messages, add_generation_prompt=True)
+    items = [PromptItem(ids, messages, {"answer": "178377"}), PromptItem(ids, messages, {"answer": "5"})]
+    registry = ToolRegistry([calculator_tool()])
+    data = GRPORollouts(model, tok, items, [world_answer_reward, tool_result_reward], [1.0, 0.5],
+                        RolloutConfig(prompts_per_step=2, group_size=3, max_new_tokens=200, temperature=1.0),
+                        end_ids=(tok.special_tokens["<|end|>"],), tools=registry)
+    data.engine = engine
+    batch = next(data)
+    expected = run_with_tools(engine, messages, registry, SamplingParams(max_new_tokens=200, temperature=0.0))
+    rows = batch["input_ids"].tolist()
+    assert len(rows) == 6 and all(r[:len(expected.token_ids)] == expected.token_ids for r in rows)
+    assert all(m[:len(expected.generated)] == expected.generated for m in batch["loss_mask"].tolist())
+    assert sum(expected.generated) < len(expected.token_ids) - len(ids)  # the tool turn is not in the loss
+    # 1 + 0.5 for the three right completions, 0 for the three of the other answer
+    assert batch["stats"]["reward"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="needs rollouts with --tools"):
+        tool_result_reward(["q"], ["x"], answer=["1"])

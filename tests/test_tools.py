@@ -8,16 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lmforge.data.chat import render_chat
 from lmforge.data.world import TOOLS
-from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model import ModelConfig, Transformer
 from lmforge.prompting import tools as T
 from lmforge.prompting.sandbox import SandboxLimits, run_python
 from lmforge.tokenizer import train
+from scripted_model import TOOL_TEXT, call_then_answer, scripted_engine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,65 +203,11 @@ def test_python_tool_through_registry():
 
 
 # ---- the tool-call loop inside generation ----
-TEXT = "The quick brown fox jumps over the lazy dog. What is 4821 * 37? The answer is 178377. " * 30
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return train(TEXT, vocab_size=320, workers=1)
-
-
-class ScriptedModel(Transformer):
-    """A real tiny Transformer (it fills the KV cache as usual) whose last logits are overwritten
-    by `script(sequence so far) -> next id`; it remembers the tokens it has seen by position, so
-    it also follows continuations whose prefix came from the prefix cache."""
-
-    def __init__(self, cfg, script):
-        super().__init__(cfg)
-        self.script = script
-        self.seen: dict[int, int] = {}
-        self.prefill_tokens = 0
-
-    def forward(self, idx, targets=None, kv_cache=None, positions=None, logits_to_keep=0, return_logits=True, segment_ids=None):
-        B, L = idx.shape
-        pos = positions if positions is not None else kv_cache.pos[:, None] + torch.arange(L)  # (B, L)
-        if L > 1:
-            self.prefill_tokens += B * L
-        logits, loss = super().forward(idx, targets, kv_cache, positions, logits_to_keep, return_logits, segment_ids)
-        for b in range(B):
-            for t in range(L):
-                self.seen[int(pos[b, t])] = int(idx[b, t])
-            sequence = [self.seen[i] for i in range(int(pos[b, -1]) + 1)]
-            logits[b, -1] = -1e4
-            logits[b, -1, self.script(sequence)] = 1e4
-        return logits, loss
-
-
-def scripted_engine(tok, script):
-    cfg = ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, block_size=512,
-                                  norm="layernorm", activation="gelu")  # not the lean DecodeStep: forward() runs every step
-    model = ScriptedModel(cfg, script)
-    model.init_weights(seed=0)
-    return Engine(model.eval(), tok, prefix_block_tokens=8), model
-
-
-def call_then_answer(tok, call: dict, prefix: str = "The answer is "):
-    """Script: after the user's turn emit <|tool_call|>call<|/tool_call|>; after a tool turn, the
-    prefix and the tool's result, then <|end|>."""
-    sp = tok.special_tokens
-    call_ids = [sp["<|tool_call|>"]] + tok.encode(json.dumps(call)) + [sp["<|/tool_call|>"]]
-
-    def script(seq):
-        last_assistant = len(seq) - 1 - seq[::-1].index(sp["<|assistant|>"])
-        done = seq[last_assistant + 1 :]
-        if sp["<|tool|>"] not in seq:
-            target = call_ids
-        else:
-            t = len(seq) - 1 - seq[::-1].index(sp["<|tool|>"])
-            result = seq[t + 1 : t + 1 + seq[t + 1 :].index(sp["<|end|>"])]
-            target = tok.encode(prefix) + result + [sp["<|end|>"]]
-        return target[len(done)] if len(done) < len(target) else sp["<|end|>"]
-    return script
+    return train(TOOL_TEXT, vocab_size=320, workers=1)
 
 
 SYSTEM = "You are a careful assistant. Use the calculator for arithmetic. " * 3
@@ -288,6 +232,41 @@ def test_loop_runs_the_tool_and_continues_from_the_cache(tok):
     # and the sequence is the chat template's rendering of the conversation (the world's tool format)
     rendered, _ = render_chat(tok, out.messages)
     assert out.token_ids == rendered
+
+
+def test_batched_loop_equals_one_at_a_time_and_marks_what_the_model_sampled(tok):
+    """run_batch_with_tools on three copies of a conversation gives each the single loop's result;
+    `generated` is 1 on exactly the call and the final reply, 0 on the prompt, the tool turn and
+    the <|end|> the loop adds after a closed call (what GRPO with tools trains on)."""
+    sp = tok.special_tokens
+    call = {"name": "calculator", "arguments": {"expression": "4821 * 37"}}
+    messages = [{"role": "user", "content": "What is 4821 * 37?"}]
+    reg = T.ToolRegistry([T.calculator_tool()])
+    params = SamplingParams(max_new_tokens=100, temperature=0.0)
+    one = T.run_with_tools(scripted_engine(tok, call_then_answer(tok, call))[0], messages, reg, params)
+    many = T.run_batch_with_tools(scripted_engine(tok, call_then_answer(tok, call))[0], [messages] * 3, reg, params)
+    assert len(many) == 3
+    for r in many:
+        assert (r.token_ids, r.generated, r.messages, r.tool_calls, r.finish_reason) == \
+            (one.token_ids, one.generated, one.messages, one.tool_calls, one.finish_reason)
+    prompt, _ = render_chat(tok, messages, add_generation_prompt=True)
+    ids, gen = one.token_ids, one.generated
+    assert len(gen) == len(ids) and gen[:len(prompt)] == [0] * len(prompt)
+    sampled = [t for t, g in zip(ids, gen) if g]
+    call_ids = [sp["<|tool_call|>"]] + tok.encode(json.dumps(call)) + [sp["<|/tool_call|>"]]
+    assert sampled == call_ids + tok.encode("The answer is 178377") + [sp["<|end|>"]]
+    added = [t for t, g in zip(ids[len(prompt):], gen[len(prompt):]) if not g]
+    assert added == [sp["<|end|>"], sp["<|tool|>"]] + tok.encode("178377") + [sp["<|end|>"], sp["<|assistant|>"]]
+    with pytest.raises(ValueError, match="2 sampling params for 3 conversations"):
+        T.run_batch_with_tools(scripted_engine(tok, call_then_answer(tok, call))[0], [messages] * 3, reg, [params] * 2)
+
+
+def test_builtin_registry_names_the_choices():
+    assert [t["function"]["name"] for t in T.builtin_registry(["calculator", "python", "calculator"]).specs()] == ["calculator", "python"]
+    with pytest.raises(ValueError, match="choose from calculator, python, search"):
+        T.builtin_registry(["calculator", "shell"])
+    with pytest.raises(ValueError, match="search needs --db FILE"):
+        T.builtin_registry(["search"])
 
 
 def test_tool_result_cannot_forge_a_turn(tok):

@@ -193,14 +193,10 @@ def _tool_registry(names: str, db: str | None):
     """The built-in tools named in `--tools calculator,python,search`."""
     from lmforge.prompting import tools
 
-    makers = {"calculator": tools.calculator_tool, "python": tools.python_tool, "search": lambda: tools.search_tool(db)}
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in makers]
-    if unknown or not chosen:
-        raise UserError(f"--tools {names!r}: choose from {', '.join(makers)} (comma-separated)")
-    if "search" in chosen and db is None:
-        raise UserError("--tools search needs --db FILE (the RAG index it searches)")
-    return tools.ToolRegistry([makers[n]() for n in dict.fromkeys(chosen)])
+    try:
+        return tools.builtin_registry(names.split(","), db)
+    except ValueError as e:
+        raise UserError(f"--tools {e}") from None
 
 
 def _ask_with_tools(args, remote) -> int:

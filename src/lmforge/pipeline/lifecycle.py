@@ -5,11 +5,12 @@ own CLI verb calls (no second implementation of anything):
     pretrain  next-token prediction, `small`, for its share of the time  (train.pretrain.pretrain)
     sft       chat, tool and grounded-answer dialogues                   (train.sft.sft)
     dpo       the world's preference pairs                               (train.dpo.dpo)
+    grpo      (when chosen) calculator use, verifiable reward, tool loop (train.grpo.grpo)
     rag       a SQLite index of the unseen entities' articles            (prompting.rag.index)
     eval      what each stage bought, on held-out sets                   (eval.capabilities, eval.tasks)
     report    report.md + its PNGs, printed in short                     (pipeline.report)
 
-Layout of `out`: data/{world,tokenizer,shards}, base/, sft/, dpo/ (ordinary run directories),
+Layout of `out`: data/{world,tokenizer,shards}, base/, sft/, dpo/, grpo/ (ordinary run directories),
 rag.sqlite, stages/<stage>.json (a finished stage's result: a second demo into the same directory
 skips it), report.md. A training stage that was interrupted (Ctrl-C, a crash) has checkpoints in
 its run directory and the next demo resumes it there; its time budget counts the time already spent.
@@ -27,11 +28,12 @@ from lmforge.io import atomic_write_json, read_json
 from lmforge.pipeline.world_data import DIGITS_PATTERN, SAMPLE_PROMPTS, prepare_world_data
 from lmforge.train.loop import TrainConfig
 
-STAGES = ("data", "pretrain", "sft", "dpo", "rag", "eval", "report")
+STAGES = ("data", "pretrain", "sft", "dpo", "grpo", "rag", "eval", "report")
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "grpo")  # GRPO is chosen with --stages (it adds its share)
 # each training stage's share of --minutes; the rest (about a fifth) is data, indexing, evaluation
-SHARES = {"pretrain": 0.48, "sft": 0.2, "dpo": 0.1}
+SHARES = {"pretrain": 0.48, "sft": 0.2, "dpo": 0.1, "grpo": 0.1}
 # steps between checkpoints of each training stage: what an interrupted stage resumes from
-CKPT_INTERVAL = {"pretrain": 500, "sft": 200, "dpo": 200}
+CKPT_INTERVAL = {"pretrain": 500, "sft": 200, "dpo": 200, "grpo": 20}
 # the sets a pretrained model can answer, scored on the base model
 BASE_TASKS = ("addition_2digit", "translation_4shot", "arithmetic", "fewshot")
 
@@ -42,9 +44,10 @@ class DemoConfig:
 
     minutes: float = field(default=15.0, metadata={"help": "the whole demo's time budget in minutes: "
                                                             + ", ".join(f"{s} {share:.0%}" for s, share in SHARES.items())
-                                                            + "; data, RAG index and evaluation take the rest"})
-    stages: tuple[str, ...] = field(default=STAGES, metadata={"help": f"stages to run, of: {', '.join(STAGES)} "
-                                                                       "(a stage needs those before it to have run once)"})
+                                                            + " (when chosen); data, RAG index and evaluation take the rest"})
+    stages: tuple[str, ...] = field(default=DEFAULT_STAGES, metadata={"help": f"stages to run, of: {', '.join(STAGES)} "
+                                                                               "(a stage needs those before it to have run "
+                                                                               "once; grpo is not in the default)"})
     size: str = field(default="10MB", metadata={"help": "bytes of world text to generate"})
     seed: int = field(default=0, metadata={"help": "world and training seed"})
     preset: str = field(default="small", metadata={"help": "model preset"})
@@ -62,6 +65,7 @@ class DemoConfig:
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     dpo_rpo_alpha: float = field(default=1.0, metadata={"help": "weight of the chosen replies' NLL in DPO (RPO), "
                                                                 "which keeps what SFT taught from drifting"})
+    grpo_lr: float = field(default=1e-4, metadata={"help": "GRPO learning rate"})
     eval_items: int = field(default=100, metadata={"help": "items per evaluation set"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
@@ -138,6 +142,38 @@ def _run_dpo(d: _Demo) -> dict:
     return _summary(summary)
 
 
+def _run_grpo(d: _Demo) -> dict:
+    """GRPO on calculator use: the world's tool_use multiplications (not the evaluation's), each
+    completion through the tool loop, rewarded for the right final product and, the denser half,
+    for a call that returned it (train.grpo.tool_result_reward)."""
+    from lmforge.train.grpo import GRPOConfig, grpo
+
+    c = d.config
+    prompts = _grpo_prompts(d)
+    start = "dpo" if (d.out / "dpo" / "model.safetensors").is_file() else "sft"
+    config = GRPOConfig(data=str(prompts), tools=("calculator",), rewards=("answer", "tool_result"), reward_weights=(1.0, 0.5),
+                        temperature=0.7, eval_items=0)
+    summary = grpo(d.out / start, d.out / "grpo", config, d.train_config("grpo", lr=c.grpo_lr, warmup_steps=0, min_lr_ratio=0.1,
+                                                                        weight_decay=0.0),
+                   resume=True, progress=c.progress, log=lambda msg: None)
+    return {**_summary(summary), "start": start, "prompts": str(prompts)}
+
+
+def _grpo_prompts(d: _Demo) -> Path:
+    """data/grpo_prompts.jsonl: the world's calculator questions that are not in its eval set."""
+    import json
+
+    from lmforge.data.world import World
+    from lmforge.io import atomic_write_text, read_jsonl
+
+    path = d.out / "data" / "grpo_prompts.jsonl"
+    held = {str(r["prompt"]) for _, r in read_jsonl(d.world_dir / "eval" / "tool_use.jsonl")}
+    items = [it for it in World(seed=d.config.seed).tasks(1000)["tool_use"]
+             if (it.meta.get("expected_call") or {}).get("name") == "calculator" and str(it.prompt) not in held]
+    atomic_write_text(path, "".join(json.dumps({"prompt": it.prompt, "answer": it.answer}) + "\n" for it in items))
+    return path
+
+
 def _summary(summary: dict) -> dict:
     keep = ("step", "tokens", "loss", "elapsed", "stop_reason", "heldout_start", "heldout_end", "eot_rate", "heldout_loss")
     return {k: summary[k] for k in keep if k in summary}
@@ -164,7 +200,7 @@ def _run_eval(d: _Demo) -> dict:
 
     n = d.config.eval_items
     items = {k: v[:n] for k, v in load_tasks(d.world_dir).items()}
-    models = [m for m in ("base", "sft", "dpo") if (d.out / m / "model.safetensors").is_file()]
+    models = _trained_models(d)
     result: dict = {"models": models, "chat": {}}
     for name in models:
         d.log(f"  scoring {name}")
@@ -187,6 +223,11 @@ def _run_eval(d: _Demo) -> dict:
     if chat:
         d.log(f"  no tools vs the calculator ({final})")
         result["tools"] = cap.tools_vs_none(engine, items["tool_use"][:max(n // 2, 1)])
+        if final == "grpo":  # what GRPO bought: the calculator row of the model it started from
+            start = read_json(d.out / "stages" / "grpo.json")["start"] if (d.out / "stages" / "grpo.json").is_file() else "dpo"
+            d.log(f"  the calculator before GRPO ({start})")
+            result["tools_before_grpo"] = {"model": start, **cap.tools_vs_none(_engine(d.out / start),
+                                                                              items["tool_use"][:max(n // 2, 1)])}
     t = time.time()
     out = engine.generate(SAMPLE_PROMPTS[0], _greedy(64))
     result["decode_tokens_per_s"] = round(len(out.token_ids) / max(time.time() - t, 1e-9), 1)
@@ -206,7 +247,17 @@ def _run_report(d: _Demo, results: dict) -> dict:
     return {"report": str(path)}
 
 
-RUNNERS = {"data": _run_data, "pretrain": _run_pretrain, "sft": _run_sft, "dpo": _run_dpo, "rag": _run_rag, "eval": _run_eval}
+def _trained_models(d: _Demo) -> list[str]:
+    return [m for m in ("base", "sft", "dpo", "grpo") if (d.out / m / "model.safetensors").is_file()]
+
+
+def _stale(d: _Demo, stage: str, result: dict) -> bool:
+    """An evaluation of other models than those now trained (a later demo added GRPO) is run again."""
+    return stage == "eval" and stage in d.config.stages and result.get("models") != _trained_models(d)
+
+
+RUNNERS = {"data": _run_data, "pretrain": _run_pretrain, "sft": _run_sft, "dpo": _run_dpo, "grpo": _run_grpo, "rag": _run_rag,
+           "eval": _run_eval}
 
 
 def demo(out, config: DemoConfig | None = None, log=None) -> dict:
@@ -225,7 +276,7 @@ def demo(out, config: DemoConfig | None = None, log=None) -> dict:
                 d.log(f"[{i}/{len(STAGES)}] report -> {d.out / 'report.md'}")
                 results[stage] = _run_report(d, results)
             continue
-        if path.is_file():
+        if path.is_file() and not _stale(d, stage, read_json(path)):
             results[stage] = read_json(path)
             if stage in c.stages:
                 d.log(f"[{i}/{len(STAGES)}] {stage}: done in an earlier run ({results[stage]['seconds']:.0f} s), kept")

@@ -49,6 +49,10 @@ def before_after_table(results: dict) -> list[str]:
         t = ev["tools"]
         rows += [(f"multiplication, 3-4 by 2-3 digits ({t['n']}): exact product", t["no_tools"], t["tools"]),
                  ("... the calculator was called", None, t["called"])]
+    if "tools_before_grpo" in ev:  # without = the model GRPO started from, with = after GRPO
+        b, t = ev["tools_before_grpo"], ev["tools"]
+        rows += [(f"GRPO on calculator use ({b['model']} -> grpo): exact product with the calculator", b["tools"], t["tools"]),
+                 ("... GRPO: the calculator was called", b["called"], t["called"])]
     for task, by_k in ev.get("few_shot", {}).items():
         rows.append((f"`{task}` exact match, k = 0 -> 4 shots", by_k["0"], by_k["4"]))
     if not rows:
@@ -76,8 +80,9 @@ def _sizes(out: Path, final: str) -> list[str]:
             f"(`lmforge quantize --bits 8`): about {int8 / 2**20:.1f} MiB"]
 
 
-def commands(out: Path, c, shares: dict) -> list[str]:
+def commands(out: Path, c, shares: dict, results: dict) -> list[str]:
     data, w = out / "data", out / "data" / "world"
+    grpo, final = results.get("grpo"), results.get("eval", {}).get("final", "dpo")
     m = lambda stage: f"{c.minutes * shares[stage]:g}m"  # noqa: E731
     return [
         f"lmforge world generate --out {w} --size {c.size} --seed {c.seed}",
@@ -90,8 +95,11 @@ def commands(out: Path, c, shares: dict) -> list[str]:
         f"lmforge dpo --run {out}/sft --world-dir {w} --max-time {m('dpo')} --time-schedule --lr {c.dpo_lr} --beta {c.dpo_beta} "
         f"--rpo-alpha {c.dpo_rpo_alpha} "
         f"--out {out}/dpo",
+    ] + ([f"lmforge grpo --run {out}/{grpo['start']} --data {grpo['prompts']} --tools calculator --rewards answer,tool_result "
+          f"--reward-weights 1,0.5 --temperature 0.7 --eval-items 0 --max-time {m('grpo')} --time-schedule --lr {c.grpo_lr} "
+          f"--min-lr-ratio 0.1 --out {out}/grpo"] if grpo else []) + [
         f"lmforge rag index --docs {w}/rag/documents.jsonl --db {out}/rag.sqlite",
-        f"lmforge eval --run {out}/dpo --world {w} --tasks system_prompt",
+        f"lmforge eval --run {out}/{final} --world {w} --tasks system_prompt",
     ]
 
 
@@ -129,7 +137,7 @@ def write_report(out: Path, c, results: dict, shares: dict) -> Path:
         lines += ["Pretraining alone (base model, greedy exact match):", "", "| task | items | exact |", "|---|---|---|"]
         lines += [f"| {k} | {r['n']} | {pct(r['exact'])} |" for k, r in ev["base_tasks"].items()] + [""]
     lines += ["## Training curves", ""]
-    for stage in ("base", "sft", "dpo"):
+    for stage in ("base", "sft", "dpo", "grpo"):
         for png in ("loss.png", "experts.png"):
             if (out / stage / png).is_file():
                 lines += [f"![{stage} {png}]({stage}/{png})", ""]
@@ -141,7 +149,7 @@ def write_report(out: Path, c, results: dict, shares: dict) -> Path:
         lines.append(f"- pretraining: {pre['step']:,} steps, {pre['tokens']:,} tokens, {pre['tokens'] / pre['elapsed']:,.0f} tokens/s")
     if ev.get("decode_tokens_per_s"):
         lines.append(f"- greedy decoding, one sequence: {ev['decode_tokens_per_s']:,.0f} tokens/s")
-    lines += ["", "## Each stage by hand", "", "```bash", *commands(out, c, shares), "```", "", "## Transcripts of the final model", "",
+    lines += ["", "## Each stage by hand", "", "```bash", *commands(out, c, shares, results), "```", "", "## Transcripts of the final model", "",
               *transcripts(results), "", "## Next", "", "```bash", f"lmforge chat --run {out}/{ev.get('final', 'base')}",
               f"lmforge serve --run {out}/{ev.get('final', 'base')}" + (f" --rag-db {out}/rag.sqlite" if (out / "rag.sqlite").is_file() else ""),
               "```", ""]

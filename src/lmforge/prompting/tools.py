@@ -285,6 +285,22 @@ def search_tool(db, k: int = 1, mode: str = "hybrid") -> Tool:
                 search)
 
 
+BUILTIN_TOOLS = ("calculator", "python", "search")
+
+
+def builtin_registry(names, db=None) -> ToolRegistry:
+    """A registry of the built-in tools named (calculator, python, search); search needs `db`, the
+    RAG index it searches. ValueError on an unknown name or a search without an index."""
+    chosen = list(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in chosen if n not in BUILTIN_TOOLS]
+    if unknown or not chosen:
+        raise ValueError(f"{','.join(names)!r}: choose from {', '.join(BUILTIN_TOOLS)} (comma-separated)")
+    if "search" in chosen and db is None:
+        raise ValueError("search needs --db FILE (the RAG index it searches)")
+    makers = {"calculator": calculator_tool, "python": python_tool, "search": lambda: search_tool(db)}
+    return ToolRegistry([makers[n]() for n in chosen])
+
+
 # ---- the call loop inside generation ----
 @dataclass
 class ToolLoopResult:
@@ -294,6 +310,7 @@ class ToolLoopResult:
     prefix_cache_hits: int  # prompt tokens served from the prefix cache after the first prefill
     recomputed_tokens: int  # prompt tokens computed again after the first prefill
     token_ids: list[int] = field(default_factory=list)  # the whole sequence, prompt included
+    generated: list[int] = field(default_factory=list)  # per token of token_ids: 1 where the model sampled it
 
 
 def parse_tool_call(text: str) -> tuple[str, dict | str]:
@@ -319,57 +336,104 @@ def run_with_tools(engine, messages: list[dict], registry: ToolRegistry, params=
     `max_iterations` calls the loop stops (finish_reason "iterations"); a tool result that fills
     the context stops it too ("length").
     """
+    return run_batch_with_tools(engine, [messages], registry, params, allow, max_iterations)[0]
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    generated: list[int]
+    messages: list[dict]
+    params: object  # SamplingParams
+    budget: int
+    calls: list[dict] = field(default_factory=list)
+    finish: str | None = None  # set when the row is done
+    rounds: int = 0
+
+
+def run_batch_with_tools(engine, conversations: list[list[dict]], registry: ToolRegistry, params=None,
+                         allow: list[str] | None = None, max_iterations: int = 4) -> list[ToolLoopResult]:
+    """`run_with_tools` for many conversations at once: each round generates every unfinished row
+    in one batched `engine.generate`, then runs the calls the rows closed. `params` is one
+    SamplingParams or one per conversation (a seeded row draws seed + round for each round, so the
+    same seed gives the same conversation whatever the batch). Each result's `generated` marks the
+    tokens the model sampled (1) against the prompt, the tool turns and a closing `<|end|>` the
+    loop added (0): what an RL objective trains on. prefix_cache_hits / recomputed_tokens are
+    exact for one conversation; for a batch they count the whole batch's continuation rounds."""
     from lmforge.infer.sampling import SamplingParams  # layer 2
 
     tok = engine.tokenizer
     sp = tok.special_tokens
     open_id, close_id, end_id = sp["<|tool_call|>"], sp["<|/tool_call|>"], sp["<|end|>"]
     tool_id, assistant_id = sp["<|tool|>"], sp["<|assistant|>"]
-    base = params or SamplingParams(max_new_tokens=128, temperature=0.0)
-    params = dataclasses.replace(base, stop_token_ids=sorted(set(base.stop_token_ids) | {close_id, end_id}), n=1)
-    ids, _ = render_chat(tok, messages, add_generation_prompt=True)
-    messages = [dict(m) for m in messages]
-    calls: list[dict] = []
-    cache = engine.prefix_cache
-    budget = params.max_new_tokens
-    hits = misses = 0
+    per_row = params if isinstance(params, list) else [params] * len(conversations)
+    if len(per_row) != len(conversations):
+        raise ValueError(f"{len(per_row)} sampling params for {len(conversations)} conversations")
     context = engine.config.block_size
-    if len(ids) >= context:
-        raise ValueError(f"the conversation is {len(ids)} tokens, which leaves no room in the model's context of {context}")
+    rows = []
+    for i, (messages, p) in enumerate(zip(conversations, per_row)):
+        base = p or SamplingParams(max_new_tokens=128, temperature=0.0)
+        ids, _ = render_chat(tok, messages, add_generation_prompt=True)
+        if len(ids) >= context:
+            where = f"conversation {i}: " if len(conversations) > 1 else ""
+            raise ValueError(f"{where}the conversation is {len(ids)} tokens, which leaves no room in the model's context of {context}")
+        row_params = dataclasses.replace(base, stop_token_ids=sorted(set(base.stop_token_ids) | {close_id, end_id}), n=1)
+        rows.append(_Row(ids, [0] * len(ids), [dict(m) for m in messages], row_params, base.max_new_tokens))
+    cache = engine.prefix_cache
+    hits = misses = 0
     while True:
-        if len(ids) >= context:  # a tool result filled the context: stop here, as at max_new_tokens
-            finish = "length"
+        for row in rows:
+            if row.finish is None and len(row.ids) >= context:  # a tool result filled the context
+                row.finish = "length"
+        active = [row for row in rows if row.finish is None]
+        if not active:
             break
-        before_hits, before_misses = (cache.hits, cache.misses) if cache is not None else (0, 0)
-        out = engine.generate(ids, dataclasses.replace(params, max_new_tokens=max(1, budget)))
-        if calls and cache is not None:  # continuations only: what the cache saved of the conversation
-            hits += cache.hits - before_hits
-            misses += cache.misses - before_misses
-        gen = list(out.token_ids)
-        budget -= len(gen)
-        ids = ids + gen
-        if not gen or gen[-1] != close_id or open_id not in gen:
-            messages.append({"role": "assistant", "content": tok.decode([t for t in gen if t != end_id])})
-            if not gen or gen[-1] != end_id:
-                ids.append(end_id)
-            finish = out.finish_reason
-            break
-        start = len(gen) - 1 - gen[::-1].index(open_id)
-        call_text = tok.decode(gen[start + 1 : -1])
-        try:
-            name, arguments = parse_tool_call(call_text)
-            result = registry.call(name, arguments, allow)
-        except ValueError as e:
-            name, arguments, result = "", call_text, ToolResult(f"error: {e}", True)
-        calls.append({"name": name, "arguments": arguments, "result": result.content, "error": result.error})
-        call_id = f"call_{len(calls):06d}"
-        fn_args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        messages.append({"role": "assistant", "content": tok.decode(gen[:start]) or None, "tool_calls": [
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": fn_args}}]})
-        messages.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": result.content})
-        # the tool turn, encoded as text: a result cannot hold special tokens
-        ids = ids + [end_id, tool_id] + tok.encode(result.content) + [end_id, assistant_id]
-        if len(calls) >= max_iterations or budget <= 0:
-            finish = "iterations" if len(calls) >= max_iterations else "length"
-            break
-    return ToolLoopResult(messages, calls, finish, hits, misses, ids)
+        before = (cache.hits, cache.misses) if cache is not None else (0, 0)
+        outs = engine.generate([row.ids for row in active], [_round_params(row) for row in active])
+        if cache is not None and any(row.calls for row in active):  # continuations: what the cache saved
+            hits += cache.hits - before[0]
+            misses += cache.misses - before[1]
+        for row, out in zip(active, outs):
+            _advance(row, list(out.token_ids), out.finish_reason, tok, registry, allow, max_iterations,
+                     (open_id, close_id, end_id, tool_id, assistant_id))
+    return [ToolLoopResult(row.messages, row.calls, row.finish, hits, misses, row.ids, row.generated) for row in rows]
+
+
+def _round_params(row: _Row):
+    seed = None if row.params.seed is None else (row.params.seed + row.rounds) % 2**63
+    return dataclasses.replace(row.params, max_new_tokens=max(1, row.budget), seed=seed)
+
+
+def _advance(row: _Row, gen: list[int], finish_reason: str, tok, registry, allow, max_iterations, specials) -> None:
+    """One round of one row: its reply ends the row, or its closed call runs and its tool turn is appended."""
+    open_id, close_id, end_id, tool_id, assistant_id = specials
+    row.rounds += 1
+    row.budget -= len(gen)
+    row.ids += gen
+    row.generated += [1] * len(gen)
+    if not gen or gen[-1] != close_id or open_id not in gen:
+        row.messages.append({"role": "assistant", "content": tok.decode([t for t in gen if t != end_id])})
+        if not gen or gen[-1] != end_id:
+            row.ids.append(end_id)
+            row.generated.append(0)
+        row.finish = finish_reason
+        return
+    start = len(gen) - 1 - gen[::-1].index(open_id)
+    call_text = tok.decode(gen[start + 1 : -1])
+    try:
+        name, arguments = parse_tool_call(call_text)
+        result = registry.call(name, arguments, allow)
+    except ValueError as e:
+        name, arguments, result = "", call_text, ToolResult(f"error: {e}", True)
+    row.calls.append({"name": name, "arguments": arguments, "result": result.content, "error": result.error})
+    call_id = f"call_{len(row.calls):06d}"
+    fn_args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    row.messages.append({"role": "assistant", "content": tok.decode(gen[:start]) or None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": fn_args}}]})
+    row.messages.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": result.content})
+    # the tool turn, encoded as text: a result cannot hold special tokens
+    turn = [end_id, tool_id] + tok.encode(result.content) + [end_id, assistant_id]
+    row.ids += turn
+    row.generated += [0] * len(turn)
+    if len(row.calls) >= max_iterations or row.budget <= 0:
+        row.finish = "iterations" if len(row.calls) >= max_iterations else "length"

@@ -124,7 +124,18 @@ def format_reward(prompts: list, completions: list[str], **columns) -> list[floa
     return [float(bool(_FINAL.search(c.split("\n")[0])) and c.strip() != "") for c in completions]
 
 
-REWARD_FUNCS = {"answer": world_answer_reward, "format": format_reward}
+def tool_result_reward(prompts: list, completions: list[str], tool_calls: list | None = None, answer: list[str] | None = None,
+                       **columns) -> list[float]:
+    """1.0 where one of the completion's tool calls returned exactly the `answer` (the call was the
+    right one, whatever the final reply made of it), else 0.0: the denser half of a tool-use
+    reward. Needs rollouts with --tools and an `answer` column."""
+    if tool_calls is None or answer is None:
+        raise ValueError("tool_result_reward needs rollouts with --tools and an 'answer' column")
+    return [float(any(not c["error"] and str(c["result"]).strip() == str(a).strip() for c in calls))
+            for calls, a in zip(tool_calls, answer)]
+
+
+REWARD_FUNCS = {"answer": world_answer_reward, "format": format_reward, "tool_result": tool_result_reward}
 
 
 # ---- rollouts ----
@@ -146,24 +157,71 @@ class RolloutConfig:
     top_k: int = 0
     mask_truncated: bool = False
     seed: int = 0
+    max_tool_calls: int = 2
 
 
-def sample_group(engine: Engine, items: list[PromptItem], config: RolloutConfig, end_ids: list[int], step: int):
+def sample_group(engine: Engine, items: list[PromptItem], config: RolloutConfig, end_ids: list[int], step: int,
+                 tools=None):
     """n completions of each prompt through the engine -> (sequences, completion masks, texts,
-    finish reasons), item-major (group_size consecutive rows per prompt)."""
-    params = [SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                             n=config.group_size, stop=list(it.stop), stop_token_ids=list(end_ids),
-                             seed=config.seed * 1000003 + step * 1009 + i) for i, it in enumerate(items)]
-    results = engine.generate([it.ids for it in items], params)
+    finish reasons, tool calls), item-major (group_size consecutive rows per prompt). With `tools` (a
+    ToolRegistry) each completion runs through the tool loop: the sequence holds the calls, the
+    tool turns and the final reply, the mask only the tokens the policy sampled, and the text is
+    the final reply."""
+    seeds = [[config.seed * 1000003 + step * 1009 + i + 7919 * j for j in range(config.group_size)] for i in range(len(items))]
+    return complete(engine, items, dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                        top_k=config.top_k), end_ids, seeds, tools, config.max_tool_calls)
+
+
+def complete(engine: Engine, items: list[PromptItem], sampling: dict, end_ids: list[int], seeds: list[list[int | None]],
+             tools=None, max_tool_calls: int = 2):
+    """len(seeds[i]) completions of items[i] (SamplingParams fields `sampling`; without tools the
+    group shares seeds[i][0], with tools each row has its own) -> (sequences, completion masks,
+    texts, finish reasons, tool calls), item-major; the tool calls are each completion's
+    [{"name", "arguments", "result", "error"}] with tools, None without."""
     seqs, masks, texts, reasons = [], [], [], []
-    for it, group in zip(items, results):
-        for c in (group if isinstance(group, list) else [group]):
-            toks = list(c.token_ids)
-            seqs.append(it.ids + toks)
-            masks.append([0] * len(it.ids) + [1] * len(toks))
-            texts.append(c.text)
-            reasons.append(c.finish_reason)
-    return seqs, masks, texts, reasons
+    if tools is None:
+        params = [SamplingParams(**sampling, n=len(s), stop=list(it.stop), stop_token_ids=list(end_ids), seed=s[0])
+                  for it, s in zip(items, seeds)]
+        for it, group in zip(items, engine.generate([it.ids for it in items], params)):
+            for c in (group if isinstance(group, list) else [group]):
+                toks = list(c.token_ids)
+                seqs.append(it.ids + toks)
+                masks.append([0] * len(it.ids) + [1] * len(toks))
+                texts.append(c.text)
+                reasons.append(c.finish_reason)
+        return seqs, masks, texts, reasons, None
+    from lmforge.prompting.tools import run_batch_with_tools  # the same tool loop as `lmforge ask --tools`
+
+    rows = [(it, seed) for it, s in zip(items, seeds) for seed in s]
+    runs = run_batch_with_tools(engine, [list(it.prompt) for it, _ in rows], tools,
+                                [SamplingParams(**sampling, stop=list(it.stop), stop_token_ids=list(end_ids), seed=seed)
+                                 for it, seed in rows], max_iterations=max_tool_calls)
+    for r in runs:
+        seqs.append(r.token_ids)
+        masks.append(r.generated)
+        last = r.messages[-1]
+        texts.append((last.get("content") or "") if last["role"] == "assistant" else "")
+        reasons.append("length" if r.finish_reason == "iterations" else r.finish_reason)
+    return seqs, masks, texts, reasons, [r.tool_calls for r in runs]
+
+
+def score_completions(reward_funcs, weights, items: list[PromptItem], group_size: int, texts: list[str],
+                      tool_calls: list | None = None) -> torch.Tensor:
+    """Weighted sum of the reward functions (N,); each is called with the prompts, the completions
+    and every column repeated per completion (group_size consecutive completions per item), plus
+    `tool_calls` (each completion's calls) when the rollouts ran tools."""
+    prompts = [it.prompt for it in items for _ in range(group_size)]
+    keys = sorted({k for it in items for k in it.columns})
+    columns = {k: [it.columns.get(k) for it in items for _ in range(group_size)] for k in keys}
+    if tool_calls is not None:
+        columns["tool_calls"] = tool_calls
+    total = torch.zeros(len(texts))
+    for f, w in zip(reward_funcs, weights):
+        values = f(prompts, texts, **columns)
+        if len(values) != len(texts):
+            raise ValueError(f"reward function {getattr(f, '__name__', f)} returned {len(values)} values for {len(texts)} completions")
+        total += w * torch.tensor(values, dtype=torch.float)
+    return total
 
 
 class GRPORollouts:
@@ -173,13 +231,13 @@ class GRPORollouts:
 
     def __init__(self, model, tokenizer, items: list[PromptItem], reward_funcs: list[Callable], reward_weights: list[float],
                  rollout: RolloutConfig, scale_rewards: str = "group", end_ids: tuple[int, ...] = (), pad_id: int = 0,
-                 ref_model=None, rank: int = 0, world: int = 1, device="cpu"):
+                 ref_model=None, rank: int = 0, world: int = 1, device="cpu", tools=None):
         if not items:
             raise ValueError("no prompts to sample from")
         self.model, self.tokenizer, self.items = model, tokenizer, items
         self.reward_funcs, self.reward_weights, self.rollout = reward_funcs, reward_weights, rollout
         self.scale_rewards, self.end_ids, self.pad_id, self.ref_model = scale_rewards, list(end_ids), pad_id, ref_model
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device, self.tools = rank, world, device, tools
         self.engine = Engine(model, tokenizer)  # kept: it follows the policy's in-place updates
         self.order, self.step = EpochOrder(len(items), rollout.seed), 0
 
@@ -190,20 +248,9 @@ class GRPORollouts:
         n = self.rollout.prompts_per_step
         return [self.items[i] for i in rank_slice(self.order.take(n * self.world), self.rank, n)]
 
-    def score(self, items: list[PromptItem], texts: list[str]) -> torch.Tensor:
-        """Weighted sum of the reward functions (N,); each is called with the prompts, the completions
-        and every column repeated per completion."""
-        g = self.rollout.group_size
-        prompts = [it.prompt for it in items for _ in range(g)]
-        keys = sorted({k for it in items for k in it.columns})
-        columns = {k: [it.columns.get(k) for it in items for _ in range(g)] for k in keys}
-        total = torch.zeros(len(texts))
-        for f, w in zip(self.reward_funcs, self.reward_weights):
-            values = f(prompts, texts, **columns)
-            if len(values) != len(texts):
-                raise ValueError(f"reward function {getattr(f, '__name__', f)} returned {len(values)} values for {len(texts)} completions")
-            total += w * torch.tensor(values, dtype=torch.float)
-        return total
+    def score(self, items: list[PromptItem], texts: list[str], tool_calls: list | None = None) -> torch.Tensor:
+        """Weighted sum of the reward functions (N,)."""
+        return score_completions(self.reward_funcs, self.reward_weights, items, self.rollout.group_size, texts, tool_calls)
 
     def __next__(self) -> dict:
         items = self._next_items()
@@ -211,8 +258,8 @@ class GRPORollouts:
         self.model.eval()
         # the loop may call next() inside its bf16 autocast; rollouts run in the weights' dtype
         with torch.no_grad(), torch.autocast(torch.device(self.device).type, enabled=False):
-            seqs, masks, texts, reasons = sample_group(self.engine, items, self.rollout, self.end_ids, self.step)
-            rewards = self.score(items, texts)
+            seqs, masks, texts, reasons, calls = sample_group(self.engine, items, self.rollout, self.end_ids, self.step, self.tools)
+            rewards = self.score(items, texts, calls)
             ids, loss_mask = pad_rollouts(seqs, masks, self.pad_id, self.device)
             truncated = torch.tensor([r == "length" for r in reasons], device=self.device)
             if self.rollout.mask_truncated:
@@ -259,7 +306,7 @@ class GRPOConfig:
     world_seed: int = field(default=0, metadata={"help": "seed of the built-in world"})
     task_items: int = field(default=1000, metadata={"help": "world items drawn for --task (held-out operand pairs, "
                                                            "never in pretraining text); --eval-items of them held out"})
-    rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format)"})
+    rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format, tool_result)"})
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions; empty: 1 each"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per process per step"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
@@ -271,6 +318,11 @@ class GRPOConfig:
     epsilon_high: float = field(default=0.28, metadata={"help": "upper clip of the ratio (1 + eps_high; DAPO's clip-higher)"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to the reference (0: no reference)"})
     mask_truncated: bool = field(default=False, metadata={"help": "no loss on completions cut at max_new_tokens"})
+    tools: tuple[str, ...] = field(default=(), metadata={"help": "built-in tools the rollouts may call (calculator, python, search): each "
+                                                                 "completion runs through the tool loop; the tool turns are in the "
+                                                                 "sequence, not in the loss; the reward sees the final reply"})
+    tools_db: str | None = field(default=None, metadata={"help": "RAG index the search tool searches"})
+    max_tool_calls: int = field(default=2, metadata={"help": "tool calls per completion at most"})
     eval_items: int = field(default=100, metadata={"help": "held-out prompts (greedy exact match before and after)"})
 
 
@@ -304,18 +356,42 @@ def world_prompts(task: str, seed: int, render, tokenizer, n: int = 200) -> list
 
 
 @torch.no_grad()
-def greedy_reward(model, tokenizer, items: list[PromptItem], reward_funcs, max_new_tokens: int, end_ids) -> float:
-    """Mean first-reward-function score of greedy completions of held-out prompts."""
+def greedy_reward(model, tokenizer, items: list[PromptItem], reward_funcs, max_new_tokens: int, end_ids, tools=None,
+                  max_tool_calls: int = 2) -> float:
+    """Mean first-reward-function score of greedy completions of held-out prompts (through the
+    tool loop when `tools` is a registry)."""
     if not items:
         return float("nan")
     engine = Engine(model, tokenizer)
-    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(it.stop), stop_token_ids=list(end_ids))
-              for it in items]
     with torch.autocast(next(model.parameters()).device.type, enabled=False):  # the loop's eval may run under bf16 autocast
-        texts = [c.text for c in engine.generate([it.ids for it in items], params)]
-    keys = sorted({k for it in items for k in it.columns})
-    values = reward_funcs[0]([it.prompt for it in items], texts, **{k: [it.columns.get(k) for it in items] for k in keys})
-    return sum(values) / len(values)
+        _, _, texts, _, calls = complete(engine, items, dict(max_new_tokens=max_new_tokens, temperature=0.0), end_ids,
+                                         [[None]] * len(items), tools, max_tool_calls)
+    return score_completions(reward_funcs[:1], [1.0], items, 1, texts, calls).mean().item()
+
+
+def _tool_items(items: list[PromptItem], config: "GRPOConfig", base, policy_path) -> tuple[object, list[PromptItem]]:
+    """The registry of config.tools and the prompts it can serve: chat prompts only, and of world
+    items expecting a call (tool_use) those whose tool is chosen."""
+    from lmforge.prompting.tools import builtin_registry
+
+    if "<|tool_call|>" not in base.tokenizer.special_tokens:
+        raise ValueError(f"{policy_path}: --tools needs lmforge's chat template and its tool tokens (<|tool_call|>, <|tool|>); "
+                         "this model's tokenizer has none")
+    try:
+        registry = builtin_registry(list(config.tools), config.tools_db)
+    except ValueError as e:
+        raise ValueError(f"--tools {e}") from None
+    text = [i for i, it in enumerate(items) if isinstance(it.prompt, str)]
+    if text:
+        raise ValueError(f"--tools needs chat prompts (messages); prompt {text[0]} is plain text")
+    def served(it):
+        item = it.columns.get("item")
+        call = (item.meta.get("expected_call") if isinstance(item, EvalItem) else None) or {}
+        return call.get("name") in (None, *config.tools)
+    kept = [it for it in items if served(it)]
+    if not kept:
+        raise ValueError(f"no prompt expects the tools {', '.join(config.tools)}")
+    return registry, kept
 
 
 def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = None, train_config: TrainConfig | None = None,
@@ -337,6 +413,9 @@ def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = N
         raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
     items = (read_prompts(config.data, base.render, base.tokenizer) if config.data
              else world_prompts(config.task, config.world_seed, base.render, base.tokenizer, config.task_items))
+    tools = None
+    if config.tools:
+        tools, items = _tool_items(items, config, base, policy_path)
     train_items, heldout = split_heldout(items, min(config.eval_items, len(items) // 5), train_config.seed)
     ref_model = None
     if config.beta:
@@ -344,9 +423,9 @@ def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = N
     end_ids = [base.end_id] + ([base.tokenizer.eos_id] if base.tokenizer.eos_id is not None else [])
     pad_id = base.tokenizer.pad_id if base.tokenizer.pad_id is not None else base.end_id
     rollout = RolloutConfig(config.prompts_per_step, config.group_size, config.max_new_tokens, config.temperature,
-                            mask_truncated=config.mask_truncated, seed=train_config.seed)
+                            mask_truncated=config.mask_truncated, seed=train_config.seed, max_tool_calls=config.max_tool_calls)
     data = GRPORollouts(base.model, base.tokenizer, train_items, funcs, weights, rollout, config.scale_rewards, tuple(end_ids),
-                        pad_id, ref_model, rank, world, device)
+                        pad_id, ref_model, rank, world, device, tools)
     resolved = {"policy": str(policy_path), "grpo": asdict(config), "train": asdict(train_config),
                 "reward_funcs": [getattr(f, "__name__", repr(f)) for f in funcs], "train_prompts": len(train_items),
                 "heldout_prompts": len(heldout), "world_size": world}
@@ -355,11 +434,13 @@ def grpo(policy_path: str | Path, out: str | Path, config: GRPOConfig | None = N
         atomic_write_json(out / "grpo_config.json", resolved)
         write_tokenizer_files(base, out)
     log(json.dumps(resolved))
-    start = greedy_reward(base.model, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)
+    start = (greedy_reward(base.model, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids, tools, config.max_tool_calls)
+             if heldout else None)
 
     def evaluate(m):
         raw = getattr(m, "module", m)  # the engine needs the Transformer, not its DDP wrapper
-        return {"heldout_reward": greedy_reward(raw, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids)} if heldout else {}
+        score = greedy_reward(raw, base.tokenizer, heldout, funcs, config.max_new_tokens, end_ids, tools, config.max_tool_calls)
+        return {"heldout_reward": score} if heldout else {}
 
     objective = functools.partial(grpo_objective, epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high,
                                   beta=config.beta, loss_type=config.loss_type, max_completion_length=config.max_new_tokens)
