@@ -31,6 +31,11 @@ def test_builtin_rewards_by_hand():
     assert world_answer_reward([item.prompt] * 2, [" 40 + 40 = 80.", " it is 81"], item=[item, item]) == [1.0, 0.0]
     assert world_answer_reward(["q"], ["so 7"], answer=["7"]) == [1.0]
     assert format_reward(["q", "q"], ["so 12.", "no number"]) == [1.0, 0.0]
+    from lmforge.train.grpo import tool_copy_reward, tool_result_reward
+    calls = [[{"result": "36", "error": False}], [{"result": "36", "error": False}], [{"result": "error: bad", "error": True}], []]
+    replies = ["So 12 * 3 = 36.", "it is 360", "error: bad", "36"]
+    assert tool_copy_reward(["q"] * 4, replies, tool_calls=calls) == [1.0, 0.0, 0.0, 0.0]  # whole words; errors never count
+    assert tool_result_reward(["q"] * 4, replies, tool_calls=calls, answer=["36", "35", "error: bad", "36"]) == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_grpo_learns_a_token_preference(base, tmp_path):

@@ -34,6 +34,8 @@ DEFAULT_STAGES = tuple(s for s in STAGES if s != "grpo")  # GRPO is chosen with 
 SHARES = {"pretrain": 0.48, "sft": 0.2, "dpo": 0.1, "grpo": 0.1}
 # steps between checkpoints of each training stage: what an interrupted stage resumes from
 CKPT_INTERVAL = {"pretrain": 500, "sft": 200, "dpo": 200, "grpo": 20}
+# GRPO's rewards on calculator use: the right final product, a call that returned it, a reply that reports the result
+GRPO_REWARDS, GRPO_REWARD_WEIGHTS = ("answer", "tool_result", "tool_copy"), (1.0, 0.5, 0.5)
 # the sets a pretrained model can answer, scored on the base model
 BASE_TASKS = ("addition_2digit", "translation_4shot", "arithmetic", "fewshot")
 
@@ -144,14 +146,14 @@ def _run_dpo(d: _Demo) -> dict:
 
 def _run_grpo(d: _Demo) -> dict:
     """GRPO on calculator use: the world's tool_use multiplications (not the evaluation's), each
-    completion through the tool loop, rewarded for the right final product and, the denser half,
-    for a call that returned it (train.grpo.tool_result_reward)."""
+    completion through the tool loop, rewarded for the right final product and, denser, for a call
+    that returned it and a reply that reports the tool's result (GRPO_REWARDS)."""
     from lmforge.train.grpo import GRPOConfig, grpo
 
     c = d.config
     prompts = _grpo_prompts(d)
     start = "dpo" if (d.out / "dpo" / "model.safetensors").is_file() else "sft"
-    config = GRPOConfig(data=str(prompts), tools=("calculator",), rewards=("answer", "tool_result"), reward_weights=(1.0, 0.5),
+    config = GRPOConfig(data=str(prompts), tools=("calculator",), rewards=GRPO_REWARDS, reward_weights=GRPO_REWARD_WEIGHTS,
                         temperature=0.7, eval_items=0)
     summary = grpo(d.out / start, d.out / "grpo", config, d.train_config("grpo", lr=c.grpo_lr, warmup_steps=0, min_lr_ratio=0.1,
                                                                         weight_decay=0.0),

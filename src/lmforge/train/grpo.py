@@ -135,7 +135,23 @@ def tool_result_reward(prompts: list, completions: list[str], tool_calls: list |
             for calls, a in zip(tool_calls, answer)]
 
 
-REWARD_FUNCS = {"answer": world_answer_reward, "format": format_reward, "tool_result": tool_result_reward}
+def tool_copy_reward(prompts: list, completions: list[str], tool_calls: list | None = None, **columns) -> list[float]:
+    """1.0 where the final reply contains its last successful tool result as whole words (the
+    reply reports what the tool said, right or wrong), else 0.0: the copying half of a tool-use
+    reward. Needs rollouts with --tools."""
+    if tool_calls is None:
+        raise ValueError("tool_copy_reward needs rollouts with --tools")
+    out = []
+    for text, calls in zip(completions, tool_calls):
+        results = [str(c["result"]) for c in calls if not c["error"]]
+        words, target = re.findall(r"\w+", text.lower()), re.findall(r"\w+", results[-1].lower()) if results else []
+        n = len(target)
+        out.append(float(n > 0 and any(words[i:i + n] == target for i in range(len(words) - n + 1))))
+    return out
+
+
+REWARD_FUNCS = {"answer": world_answer_reward, "format": format_reward, "tool_result": tool_result_reward,
+                "tool_copy": tool_copy_reward}
 
 
 # ---- rollouts ----
@@ -306,7 +322,7 @@ class GRPOConfig:
     world_seed: int = field(default=0, metadata={"help": "seed of the built-in world"})
     task_items: int = field(default=1000, metadata={"help": "world items drawn for --task (held-out operand pairs, "
                                                            "never in pretraining text); --eval-items of them held out"})
-    rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format, tool_result)"})
+    rewards: tuple[str, ...] = field(default=("answer",), metadata={"help": "built-in reward functions (answer, format, tool_result, tool_copy)"})
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "weights of the reward functions; empty: 1 each"})
     prompts_per_step: int = field(default=4, metadata={"help": "prompts per process per step"})
     group_size: int = field(default=8, metadata={"help": "completions per prompt (G)"})
