@@ -158,7 +158,8 @@ def _run_grpo(d: _Demo) -> dict:
     summary = grpo(d.out / start, d.out / "grpo", config, d.train_config("grpo", lr=c.grpo_lr, warmup_steps=0, min_lr_ratio=0.1,
                                                                         weight_decay=0.0),
                    resume=True, progress=c.progress, log=lambda msg: None)
-    return {**_summary(summary), "start": start, "prompts": str(prompts)}
+    return {**_summary(summary), "start": start, "prompts": str(prompts), "rewards": list(GRPO_REWARDS),
+            "reward_weights": list(GRPO_REWARD_WEIGHTS)}
 
 
 def _grpo_prompts(d: _Demo) -> Path:

@@ -81,7 +81,6 @@ def _sizes(out: Path, final: str) -> list[str]:
 
 
 def commands(out: Path, c, shares: dict, results: dict) -> list[str]:
-    from lmforge.pipeline.lifecycle import GRPO_REWARDS, GRPO_REWARD_WEIGHTS
     data, w = out / "data", out / "data" / "world"
     grpo, final = results.get("grpo"), results.get("eval", {}).get("final", "dpo")
     m = lambda stage: f"{c.minutes * shares[stage]:g}m"  # noqa: E731
@@ -97,7 +96,7 @@ def commands(out: Path, c, shares: dict, results: dict) -> list[str]:
         f"--rpo-alpha {c.dpo_rpo_alpha} "
         f"--out {out}/dpo",
     ] + ([f"lmforge grpo --run {out}/{grpo['start']} --data {grpo['prompts']} --tools calculator --rewards "
-          f"{','.join(GRPO_REWARDS)} --reward-weights {','.join(f'{w:g}' for w in GRPO_REWARD_WEIGHTS)} --temperature 0.7 --eval-items 0 --max-time {m('grpo')} --time-schedule --lr {c.grpo_lr} "
+          f"{','.join(grpo['rewards'])} --reward-weights {','.join(f'{w:g}' for w in grpo['reward_weights'])} --temperature 0.7 --eval-items 0 --max-time {m('grpo')} --time-schedule --lr {c.grpo_lr} "
           f"--min-lr-ratio 0.1 --out {out}/grpo"] if grpo else []) + [
         f"lmforge rag index --docs {w}/rag/documents.jsonl --db {out}/rag.sqlite",
         f"lmforge eval --run {out}/{final} --world {w} --tasks system_prompt",
