@@ -9,6 +9,9 @@ next to the length baseline (pick the longer reply) on the same held-out pairs.
 3. Length baseline on the held-out pairs: the longer reply (characters) wins, ties count 0.5.
 4. `lmforge reward --run BASE --data OUT/train.jsonl --out OUT/rm ...` (a subprocess, so the run
    is exactly the CLI's), then the reward model scores the held-out pairs (lmforge.train.reward).
+5. The paired difference (reward model - length baseline) over the same held-out pairs, with a
+   bootstrap 95% interval (pairs resampled, 10,000 times, seeded): whether the reward model beats
+   the baseline, which two overlapping Wilson intervals cannot tell.
 
     python bench/reward_hh.py --base RUN --out DIR [--heldout 1000] [--max-time 5m] [--max-steps N]
 
@@ -21,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from lmforge.train.logps import Preference, _records, hh_pair, split_heldout, tokenize_preferences
-from lmforge.train.reward import RewardScorer, pairwise_accuracy
+from lmforge.train.reward import RewardScorer, margin_summary, pair_margins
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_FILES = ["hh_harmless_base_test.jsonl.gz", "hh_helpful_online_test.jsonl.gz", "hh_helpful_rejection_sampled_test.jsonl.gz"]
@@ -62,12 +66,25 @@ def read_hh(files: list[Path]) -> tuple[list[Preference], dict]:
     return pairs, dropped
 
 
+def length_score(p: Preference) -> float:
+    """1 when the chosen reply is the longer (characters), 0.5 on a tie, else 0."""
+    c, r = len(p.chosen[-1]["content"]), len(p.rejected[-1]["content"])
+    return 1.0 if c > r else 0.5 if c == r else 0.0
+
+
 def length_baseline(pairs: list[Preference]) -> dict:
     """Accuracy of "the longer reply is the chosen one" (characters; ties 0.5), overall and per subset."""
-    def score(p):
-        c, r = len(p.chosen[-1]["content"]), len(p.rejected[-1]["content"])
-        return 1.0 if c > r else 0.5 if c == r else 0.0
-    return _summary([(p.reason, score(p)) for p in pairs])
+    return _summary([(p.reason, length_score(p)) for p in pairs])
+
+
+def paired_bootstrap(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean of a - b over the same items, its bootstrap 95% percentile interval (items resampled
+    with replacement) and the share of resamples where the difference is <= 0."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    n, rng = len(d), random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return {"difference": sum(d) / n, "ci95": [round(means[int(0.025 * resamples)], 4), round(means[int(0.975 * resamples) - 1], 4)],
+            "share_at_or_below_0": sum(m <= 0 for m in means) / resamples, "resamples": resamples, "n": n}
 
 
 def _summary(scored: list[tuple[str, float]]) -> dict:
@@ -100,12 +117,15 @@ def train_rm(args, train_file: Path, rm_dir: Path) -> tuple[list[str], dict, flo
 
 
 def score_rm(rm_dir: Path, heldout: list[Preference], max_len: int) -> dict:
-    """The reward model's held-out accuracy (r_chosen > r_rejected), with Wilson intervals."""
+    """The reward model's held-out accuracy (r_chosen > r_rejected), with Wilson intervals, and
+    its per-pair outcomes (1 right, 0 wrong) in held-out order."""
     scorer = RewardScorer(rm_dir)
     rows = tokenize_preferences(scorer.render, heldout, min(max_len, scorer.max_len))
-    result = pairwise_accuracy(scorer.model, rows, scorer.pad_id, batch_size=16)
+    margins = pair_margins(scorer.model, rows, scorer.pad_id, batch_size=16)
+    result = margin_summary(rows, margins)
+    outcomes = [1.0 if m > 0 else 0.0 for m in margins]
     out = {"accuracy": result["accuracy"], "ci95": [round(x, 4) for x in wilson(result["accuracy"] * result["n"], result["n"])],
-           "margin": result["margin"], "n": result["n"], "by_reason": {}}
+           "margin": result["margin"], "n": result["n"], "by_reason": {}, "outcomes": outcomes}
     for reason, r in result.get("by_reason", {}).items():
         out["by_reason"][reason] = {"accuracy": r["accuracy"], "ci95": [round(x, 4) for x in wilson(r["accuracy"] * r["n"], r["n"])],
                                     "n": r["n"]}
@@ -141,6 +161,8 @@ def main() -> None:
         result["rm_train"] = {"steps": summary.get("step"), "wall_s": round(wall, 1),
                               "pairs_seen": (summary.get("step") or 0) * args.batch_size}
     result["reward_model"] = score_rm(out / "rm", heldout, args.max_len)
+    outcomes = result["reward_model"].pop("outcomes")
+    result["rm_minus_length"] = paired_bootstrap(outcomes, [length_score(p) for p in heldout], seed=args.seed)
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 

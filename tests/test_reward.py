@@ -10,8 +10,8 @@ import torch
 from alignment_helpers import tiny_base, world_pairs, write_jsonl
 from lmforge.train.logps import collate_pairs, read_preferences, tokenize_preferences
 from lmforge.train.loop import TrainConfig
-from lmforge.train.reward import (RewardConfig, RewardScorer, as_reward_model, load_reward_model, reward, reward_objective,
-                                  sequence_rewards)
+from lmforge.train.reward import (RewardConfig, RewardScorer, as_reward_model, load_reward_model, margin_summary,
+                                  pair_margins, pairwise_accuracy, reward, reward_objective, sequence_rewards)
 from lmforge.train.sft import load_base
 
 
@@ -92,6 +92,25 @@ def test_reward_model_learns_an_easy_preference(base):
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.5 and m["accuracy"].item() == 1.0
+
+
+def test_pair_margins_keep_order_and_ignore_padding(base):
+    """Margins of a padded batch equal each pair scored alone, in the rows' order; the summary
+    counts margin > 0 overall and per reason, as pairwise_accuracy reports it."""
+    run, pairs_file, tok, _ = base
+    b = load_base(run)
+    model = as_reward_model(b.model).eval()
+    rows = tokenize_preferences(b.render, read_preferences(pairs_file), 64)[:10]
+    batched = pair_margins(model, rows, tok.pad_id, batch_size=4)
+    alone = [pair_margins(model, [r], tok.pad_id, batch_size=1)[0] for r in rows]
+    assert len(set(len(r.chosen_ids) for r in rows)) > 1, "rows of one length would not test the padding"
+    assert batched == pytest.approx(alone, abs=1e-4)
+    summary = margin_summary(rows, batched)
+    assert summary["accuracy"] == sum(m > 0 for m in alone) / len(alone)
+    assert summary["margin"] == pytest.approx(sum(alone) / len(alone), abs=1e-4)
+    for reason, r in summary.get("by_reason", {}).items():
+        assert r["n"] == sum((row.reason or "all") == reason for row in rows)
+    assert pairwise_accuracy(model, rows, tok.pad_id, batch_size=3)["accuracy"] == summary["accuracy"]
 
 
 def test_cli_reward_score_and_dpo(base, tmp_path, capsys):

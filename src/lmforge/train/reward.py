@@ -93,25 +93,35 @@ def reward_objective(model, batch: dict, center_coef: float = 0.0) -> tuple[torc
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, rows, pad_id: int, batch_size: int = 16, device="cpu") -> dict:
-    """Held-out accuracy (r_chosen > r_rejected) and mean margin, overall and per `reason`."""
-    by_reason = defaultdict(list)
+def pair_margins(model, rows, pad_id: int, batch_size: int = 16, device="cpu") -> list[float]:
+    """r_chosen - r_rejected of each preference row, in the rows' order."""
+    margins = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        b = collate_pairs(chunk, pad_id, device)
+        b = collate_pairs(rows[i:i + batch_size], pad_id, device)
         rc, rr = sequence_rewards(model, b["input_ids"], b["last_index"]).chunk(2)
-        for row, c, r in zip(chunk, rc.tolist(), rr.tolist()):
-            by_reason[row.reason or "all"].append(c - r)
-    every = [d for ds in by_reason.values() for d in ds]
+        margins += (rc - rr).tolist()
+    return margins
+
+
+def margin_summary(rows, margins: list[float]) -> dict:
+    """Accuracy (margin > 0) and mean margin of scored rows, overall and per `reason`."""
+    by_reason = defaultdict(list)
+    for row, m in zip(rows, margins, strict=True):
+        by_reason[row.reason or "all"].append(m)
 
     def summary(ds):
         return {"accuracy": sum(d > 0 for d in ds) / len(ds), "margin": sum(ds) / len(ds), "n": len(ds)}
 
-    out = {"accuracy": summary(every)["accuracy"] if every else 0.0, "margin": summary(every)["margin"] if every else 0.0,
-           "n": len(every)}
+    out = {"accuracy": summary(margins)["accuracy"] if margins else 0.0, "margin": summary(margins)["margin"] if margins else 0.0,
+           "n": len(margins)}
     if len(by_reason) > 1 or "all" not in by_reason:
         out["by_reason"] = {k: summary(v) for k, v in sorted(by_reason.items())}
     return out
+
+
+def pairwise_accuracy(model, rows, pad_id: int, batch_size: int = 16, device="cpu") -> dict:
+    """Held-out accuracy (r_chosen > r_rejected) and mean margin, overall and per `reason`."""
+    return margin_summary(rows, pair_margins(model, rows, pad_id, batch_size, device))
 
 
 def load_reward_model(run_dir: str | Path, device="cpu"):
