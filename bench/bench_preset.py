@@ -6,7 +6,7 @@ same prompts for every configuration, run one after another:
   hf_fp32      transformers' generate, fp32, sharing the very same weight tensors
   hf_ao_int8   the same HF model after torch.ao.quantization.quantize_dynamic (W8A8, every Linear)
   lm_int8      lmforge int8 (quantize_model of the same weights, kernels chosen by the engine)
-  lm_int4      lmforge int4, group 64 (fewer new tokens: --int4-new-tokens)
+  lm_int4      lmforge int4, group 64 (--int4-new-tokens: its own count of new tokens, default --new-tokens)
 For each: decode tokens/s at batch 1 and 8 (a 32-token prompt, --new-tokens; from the times of
 the streamed tokens 2..N), time to first token of a 512-token prompt (batch 1), resident memory
 (RSS growth since the configuration was built, measured right after its decodes with freed heap

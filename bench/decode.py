@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--preset", help="a real family shape with random weights (qwen2.5-0.5b, llama-3.2-1b): "
                     "lmforge fp32/int8/int4 vs transformers fp32 and torch.ao int8 (bench_preset.py)")
-    ap.add_argument("--int4-new-tokens", type=int, default=8, help="--preset: new tokens for int4 (its decode is slow here)")
+    ap.add_argument("--int4-new-tokens", type=int, help="--preset: new tokens for int4 (default: --new-tokens)")
     ap.add_argument("--layers", type=int, help="--preset: override n_layer (smoke runs)")
     ap.add_argument("--skip", default="", help="--preset: comma-separated configs to leave out (e.g. hf_ao_int8,lm_int4)")
     args = ap.parse_args()
@@ -67,6 +67,8 @@ def main() -> None:
         args.new_tokens = 32 if args.preset else 64
     if args.repeats is None:
         args.repeats = 2 if args.preset else 5
+    if args.int4_new_tokens is None:
+        args.int4_new_tokens = args.new_tokens
     if args.preset:
         from bench_preset import run_preset  # this directory is on sys.path when run as a script
 

@@ -48,7 +48,7 @@ def test_int8_matches_numpy_reference_and_error_bound():
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_matches_numpy_reference_and_error_bound(group_size):
     w = torch.randn(24, 256, generator=torch.Generator().manual_seed(1))
-    packed, scale, minimum = quantize_int4(w, group_size)
+    packed, scale, minimum = quantize_int4(w, group_size, search=False)
     assert packed.shape == (24, 128) and scale.shape == (24, 256 // group_size)
     deq = dequantize_int4(packed, scale, minimum).numpy()
     wn = w.numpy().astype(np.float64)
@@ -60,6 +60,28 @@ def test_int4_matches_numpy_reference_and_error_bound(group_size):
             ref[o, g0 : g0 + group_size] = np.clip(np.round((x - lo) / s), 0, 15) * s + lo
             assert np.abs(deq[o, g0 : g0 + group_size] - x).max() <= s / 2 + 1e-5
     assert np.mean(np.abs(deq - ref) < 1e-5) > 0.99  # all but float32-vs-float64 rounding ties
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_range_search_never_worse_per_group_than_round_to_nearest(group_size):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 512, generator=gen) * 0.02
+    w[torch.rand(w.shape, generator=gen) < 0.01] *= 8  # outliers, as trained weights have them
+    def group_sq_err(search):
+        p, s, m = quantize_int4(w, group_size, search=search)
+        assert p.shape == (40, 256) and s.shape == m.shape == (40, 512 // group_size) and bool((s > 0).all())
+        return ((dequantize_int4(p, s, m) - w) ** 2).view(40, -1, group_size).sum(-1)
+    rtn, searched = group_sq_err(False), group_sq_err(True)
+    assert bool((searched <= rtn * (1 + 1e-5)).all())  # each group keeps its best candidate; RTN is one
+    assert float(searched.sum()) < 0.9 * float(rtn.sum())  # and the outliers' groups gain
+
+
+def test_int4_search_works_in_row_chunks(monkeypatch):
+    from lmforge.infer import quantize as Q
+    w = torch.randn(10, 128, generator=torch.Generator().manual_seed(3))
+    whole = quantize_int4(w, 64)
+    monkeypatch.setattr(Q, "SEARCH_CHUNK", 3 * 128)  # 10 rows of 128: chunks of 3, 3, 3, 1 rows
+    assert all(torch.equal(a, b) for a, b in zip(whole, quantize_int4(w, 64)))
 
 
 def test_quant_linear_close_to_linear():

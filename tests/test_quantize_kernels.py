@@ -4,7 +4,8 @@ its overrides; a fused kernel that holds the only copy of the weight still saves
 
 Tolerances (relative Frobenius error of the output, weights ~ N(0, 0.02), inputs ~ N(0, 1)):
 int8_dynamic quantizes the activations per call (8 bits with VNNI, else 7), so <= 0.03;
-the weight-only kernels compute on the same weights in float, so <= 1e-4.
+int8_weight_only computes on the same weights in float, so <= 1e-4; int4_tinygemm rounds the
+activations and the group scales to bf16 (the CPU op's fast path), so <= 0.01 (measured ~0.003).
 """
 
 import pytest
@@ -68,8 +69,20 @@ def test_weight_only_kernels_match_reference(I, O):
     with torch.inference_mode():
         q8 = quant_layer(I, O, 8, bias=True)
         assert rel(Int8WeightOnly(q8)(x), q8.reference_forward(x)) < 1e-4
-        q4 = quant_layer(I, O, 4, bias=True)
-        assert rel(Int4Tinygemm(q4)(x), q4.reference_forward(x)) < 1e-4  # zero = minimum + 8 * scale
+
+
+@pytest.mark.parametrize("I,O,bias", SHAPES)
+def test_int4_tinygemm_matches_reference(I, O, bias):
+    layer = quant_layer(I, O, 4, bias)
+    assert Int4Tinygemm.applies(layer), (I, O)  # every preset shape has a fused int4 path
+    kernel = Int4Tinygemm(layer)
+    with torch.inference_mode():
+        for rows in (1, 8):
+            x = torch.randn(rows, I, generator=torch.Generator().manual_seed(rows))
+            y = kernel(x)
+            assert y.dtype == torch.float32  # bf16 inside, the caller's dtype out
+            assert rel(y, layer.reference_forward(x)) < 0.01, (I, O, rows)  # zero = minimum + 8 * scale
+        assert kernel(torch.randn(2, 3, I)).shape == (2, 3, O)
 
 
 def test_packed_kernel_replaces_the_weight_and_still_saves_it():
@@ -83,6 +96,20 @@ def test_packed_kernel_replaces_the_weight_and_still_saves_it():
     assert torch.equal(layer.dequantized_weight(), before["qweight"].float() * before["scale"][:, None])
     with pytest.raises(RuntimeError, match="set_kernel"):
         layer.reference_forward(torch.randn(1, 256))
+    layer.set_kernel(None)
+    assert torch.equal(layer.qweight, q)
+
+
+@pytest.mark.parametrize("I,O", [(896, 128), (2048, 512), (4864, 896)])
+def test_int4_repacked_weight_is_the_only_copy_and_unpacks_exactly(I, O):
+    layer = quant_layer(I, O, 4, bias=True)
+    q = layer.qweight.clone()
+    before = layer.weight_nbytes()
+    layer.set_kernel(Int4Tinygemm(layer))
+    assert layer._buffers.get("qweight") is None  # the repacked nibbles replace the stored ones
+    assert layer.kernel.packed.numel() == q.numel()  # same bytes: 0.5 per weight
+    assert torch.equal(layer.state_dict()["qweight"], q)  # the op's layout read back exactly
+    assert layer.weight_nbytes() == before
     layer.set_kernel(None)
     assert torch.equal(layer.qweight, q)
 

@@ -14,8 +14,9 @@ model decoded slower than fp32. The kernels here compute on the low-precision we
 - `int8_weight_only` (CPU and GPU): `torch._weight_int8pack_mm` on the stored int8 weight (no
   copy), activations in float.
 - `int4_tinygemm` (CPU): `torch._weight_int4pack_mm_for_cpu` on a repacked copy of the int4
-  weight (same values: zero = minimum + 8 * scale), activations in float; keeps the reference
-  weight too (its layout cannot be unpacked), 0.5 byte per weight more.
+  weight (same values: zero = minimum + 8 * scale), activations and scales rounded to bf16 (the
+  op's fast path). The repacked weight replaces the layer's `qweight` (its layout, a permutation
+  of the nibbles, is read back from the op, so `state_dict()` unpacks it exactly).
 
 `choose_kernels(model)` groups the layers by shape, times the reference and each kernel that
 applies on the model's own layers of that shape (batch 1, the decode step), checks the kernel's
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.infer.cpu_matmul import DecodeMatmul
-from lmforge.infer.quantize import QuantLinear, quantize_int8, unpack_int4
+from lmforge.infer.quantize import QuantLinear, pack_int4, quantize_int8, unpack_int4
 
 KERNEL_ENV = "LMFORGE_QUANT_KERNEL"
 MODES = ("auto", "reference", "fused")
@@ -121,11 +122,30 @@ class Int8WeightOnly:
         return y.view(*x.shape[:-1], layer.out_features)
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 tensor -> its nibbles, flat, low nibble first (int32)."""
+    t = packed.reshape(-1).to(torch.int32)
+    return torch.stack([t & 15, t >> 4], -1).reshape(-1)
+
+
+def _int4pack_sources(O: int, I: int) -> torch.Tensor:
+    """For each nibble of `torch._convert_weight_to_int4pack_for_cpu`'s output for an (O, I)
+    weight, the flat index o * I + i of the weight value it holds. The op's layout is a fixed
+    permutation of the values (a blocked layout for its vector units), undocumented; it is read
+    back from the op itself by packing the indices' hexadecimal digits one at a time."""
+    index = torch.arange(O * I, dtype=torch.int32)
+    sources = torch.zeros(O * I, dtype=torch.int32)
+    for j in range(max(1, ((O * I - 1).bit_length() + 3) // 4)):
+        digit = ((index >> (4 * j)) & 15).view(O, I)
+        sources |= _nibbles(torch._convert_weight_to_int4pack_for_cpu(digit, 1)) << (4 * j)
+    return sources
+
+
 class Int4Tinygemm:
     """Group-wise int4 matmul through `torch._weight_int4pack_mm_for_cpu` on a repacked copy."""
 
     name = "int4_tinygemm"
-    replaces_qweight = False
+    replaces_qweight = True  # the repacked weight is the layer's only copy; `qweight()` unpacks it exactly
 
     @staticmethod
     def applies(layer: QuantLinear) -> bool:
@@ -133,15 +153,25 @@ class Int4Tinygemm:
                 and layer.in_features % 64 == 0 and layer.out_features % 16 == 0)
 
     def __init__(self, layer: QuantLinear):
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(layer.qweight).to(torch.int32), 1)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(layer.int_weight()).to(torch.int32), 1)
         # tinygemm dequantizes (q - 8) * scale + zero; the stored form is q * scale + minimum
-        self.scales_zeros = torch.stack([layer.scale.t(), (layer.minimum + 8 * layer.scale).t()], -1).contiguous()  # (G, O, 2)
-        self.layer, self.nbytes = layer, self.packed.numel() + self.scales_zeros.numel() * 4
+        scales_zeros = torch.stack([layer.scale.t(), (layer.minimum + 8 * layer.scale).t()], -1)  # (G, O, 2)
+        # In bf16: the CPU op's vectorized path is the bf16 one (24x faster than fp32 activations at
+        # one row on an AVX-512 Xeon, docs/quantization.md); the rounding costs ~0.5% relative output error.
+        self.scales_zeros = scales_zeros.to(torch.bfloat16).contiguous()
+        self.layer, self.nbytes = layer, self.packed.numel() + self.scales_zeros.numel() * 2
+
+    def qweight(self) -> torch.Tensor:
+        """The layer's stored form, (O, I/2) uint8 (`pack_int4`), exactly, from the repacked copy."""
+        O, I = self.layer.out_features, self.layer.in_features
+        q = torch.empty(O * I, dtype=torch.int32)
+        q[_int4pack_sources(O, I).long()] = _nibbles(self.packed)
+        return pack_int4(q.view(O, I))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, layer.group_size, self.scales_zeros.to(x2.dtype))
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, layer.group_size, self.scales_zeros).to(x.dtype)
         if layer.bias is not None:
             y = y + layer.bias.to(y.dtype)
         return y.view(*x.shape[:-1], layer.out_features)
@@ -239,6 +269,8 @@ def choose_kernels(model: nn.Module, mode: str | None = None, rows: int = 1) -> 
 
 
 def _choose_group(key: tuple, layers: list[QuantLinear], mode: str, rows: int) -> dict:
+    for layer in layers:  # back to the stored weight first: the reference is what kernels are timed and checked against
+        layer.set_kernel(None)
     kernels = [k for k in KERNELS if k.applies(layers[0])]
     us: dict = {}
     if mode == "reference" or not kernels:
@@ -471,7 +503,7 @@ def install_head_kernel(model: nn.Module, mode: str, rows: int = 1) -> dict | No
 
 def kernel_bytes(model: nn.Module) -> int:
     """Bytes the installed kernels hold beyond the model's own tensors (copies that do not
-    replace a weight: the tied head's int8 copy, int4 repacked copies)."""
+    replace a weight: the tied head's int8 copy)."""
     total = 0
     for m in model.modules():
         k = getattr(m, "kernel", None) if isinstance(m, QuantLinear) else getattr(m, "decode_matmul", None)
