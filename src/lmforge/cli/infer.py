@@ -211,4 +211,4 @@ def register(subparsers) -> None:
     p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8: per output channel; 4: group-wise, two per byte")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
     p.add_argument("--rtn", action="store_true", help="int4: plain round-to-nearest over each group's [min, max] "
-                   "(default: each group's range searched for the least squared error; about 0.1 s per million weights)")
+                   "(default: each group's range searched for the least squared error; about 0.1-0.2 s per million weights)")

@@ -157,7 +157,7 @@ class Int4Tinygemm:
         # tinygemm dequantizes (q - 8) * scale + zero; the stored form is q * scale + minimum
         scales_zeros = torch.stack([layer.scale.t(), (layer.minimum + 8 * layer.scale).t()], -1)  # (G, O, 2)
         # In bf16: the CPU op's vectorized path is the bf16 one (24x faster than fp32 activations at
-        # one row on an AVX-512 Xeon, docs/quantization.md); the rounding costs ~0.5% relative output error.
+        # one row on an AVX-512 Xeon, docs/quantization.md); the rounding costs ~0.3% relative output error.
         self.scales_zeros = scales_zeros.to(torch.bfloat16).contiguous()
         self.layer, self.nbytes = layer, self.packed.numel() + self.scales_zeros.numel() * 2
 
@@ -269,8 +269,6 @@ def choose_kernels(model: nn.Module, mode: str | None = None, rows: int = 1) -> 
 
 
 def _choose_group(key: tuple, layers: list[QuantLinear], mode: str, rows: int) -> dict:
-    for layer in layers:  # back to the stored weight first: the reference is what kernels are timed and checked against
-        layer.set_kernel(None)
     kernels = [k for k in KERNELS if k.applies(layers[0])]
     us: dict = {}
     if mode == "reference" or not kernels:
@@ -284,11 +282,14 @@ def _choose_group(key: tuple, layers: list[QuantLinear], mode: str, rows: int) -
     else:
         cache_key = (tuple(k.name for k in kernels), key, rows, torch.get_num_threads())
         if cache_key not in _CHOICES:
+            for layer in layers:  # back to the stored weight: the reference is what kernels are timed and checked against
+                layer.set_kernel(None)
             _CHOICES[cache_key], us = _measure(layers, kernels, rows)
         name = _CHOICES[cache_key]
     kernel = next((k for k in kernels if k.name == name), None)
     for layer in layers:
-        layer.set_kernel(None if kernel is None else kernel(layer))
+        if kernel is None or not isinstance(layer.kernel, kernel):  # a second engine on the model keeps what it has
+            layer.set_kernel(None if kernel is None else kernel(layer))
     bits, I, O, group, bias, device = key
     return {"shape": f"int{bits} {I}->{O}" + (f" g{group}" if group else "") + (" +bias" if bias else ""),
             "layers": len(layers), "kernel": name, "us": us}

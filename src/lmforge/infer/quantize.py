@@ -76,6 +76,13 @@ def _int4_round(g: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
 
 
+def _int4_rtn(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups (R, G, n) -> (q, scale, minimum): round to nearest over each group's [min, max]."""
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (R, G)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    return _int4_round(g, lo, scale), scale, lo
+
+
 def _int4_search(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups (R, G, n) -> (q, scale, minimum) minimising each group's squared error.
 
@@ -83,6 +90,9 @@ def _int4_search(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     the range shrunk around its centre or from either end (CLIP_RATIOS), and a least-squares
     refit of (scale, minimum) to the chosen levels (twice); each group keeps its best. Data-free,
     as llama.cpp's k-quants and AWQ's clip search do it; measured in docs/quantization.md."""
+    q, s, m = _int4_rtn(g)
+    best = torch.full(s.shape, float("inf"))
+
     def keep(q2, s2, m2):
         nonlocal q, s, m, best
         err = ((q2 * s2[..., None] + m2[..., None] - g) ** 2).sum(-1)
@@ -90,14 +100,11 @@ def _int4_search(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         q = torch.where(better[..., None], q2, q)
         s, m, best = torch.where(better, s2, s), torch.where(better, m2, m), torch.minimum(err, best)
 
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (R, G)
-    s = ((hi - lo) / 15.0).clamp(min=1e-12)
-    q, m = _int4_round(g, lo, s), lo
-    best = ((q * s[..., None] + m[..., None] - g) ** 2).sum(-1)
-    centre, span = (lo + hi) / 2, hi - lo
+    keep(q, s, m)
+    lo, span = m, s * 15.0
     for r in CLIP_RATIOS:
-        for l in (centre - span * r / 2, lo, hi - span * r):
-            s2 = (span * r / 15.0).clamp(min=1e-12)
+        s2 = (span * r / 15.0).clamp(min=1e-12)
+        for l in (lo + span * (1 - r) / 2, lo, lo + span * (1 - r)):  # shrunk around the centre, from the top, from the bottom
             keep(_int4_round(g, l, s2), s2, l)
     n = g.shape[-1]
     for _ in range(2):  # least squares: scale, minimum = argmin ||q * scale + minimum - w||^2 for these q
@@ -119,12 +126,11 @@ def quantize_int4(w: torch.Tensor, group_size: int, search: bool = True) -> tupl
         raise ValueError(f"in_features={I} is not a multiple of group_size={group_size}")
     g = w.float().reshape(O, I // group_size, group_size)  # (O, G, group)
     if not search:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (O, G)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        return pack_int4(_int4_round(g, lo, scale).reshape(O, I)), scale, lo
-    rows = max(1, SEARCH_CHUNK // I)
-    parts = [_int4_search(g[i:i + rows]) for i in range(0, O, rows)]
-    q, scale, lo = (torch.cat(t) for t in zip(*parts))
+        q, scale, lo = _int4_rtn(g)
+    else:
+        rows = max(1, SEARCH_CHUNK // I)
+        parts = [_int4_search(g[i:i + rows]) for i in range(0, O, rows)]
+        q, scale, lo = (torch.cat(t) for t in zip(*parts))
     return pack_int4(q.reshape(O, I)), scale, lo
 
 
