@@ -1,5 +1,6 @@
 """Weight-only quantization of a pretrained run: size, perplexity and decode speed, fp32 vs int8
-vs int4 (group 32/64/128), all in one run on the same held-out tokens.
+vs int4 (group 32/64/128; an untied head at int8, the default, and at int4: int4_g64_head4), all
+in one run on the same held-out tokens.
 
     python bench/quantize.py --run runs/small --val shards/val_000000.bin [--windows 40]
 
@@ -100,17 +101,17 @@ def main() -> None:
               "fp32": {"ppl": round(base_ppl, 3), "disk_mb": round(weights.stat().st_size / 2**20, 2),
                        "linear_mb": round(linear_weight_bytes(model)[0] / 2**20, 2), "model_mb": model_mb(model), "decode_tok_s": round(decode_tok_s(model, tok, prompt), 1)}}
     with tempfile.TemporaryDirectory() as tmp:
-        for bits, group in ((8, None), (4, 32), (4, 64), (4, 128)):
-            out = Path(tmp) / f"q{bits}_{group}"
+        for bits, group, head in ((8, None, None), (4, 32, None), (4, 64, None), (4, 128, None), (4, 64, 4)):
+            out = Path(tmp) / f"q{bits}_{group}_{head}"
             try:
-                report = quantize_run(args.run, out, bits, group or 64)
+                report = quantize_run(args.run, out, bits, group or 64, head_bits=head)
             except ValueError as e:  # e.g. a width that is not a multiple of the group size
-                result[f"int{bits}_g{group}"] = {"error": str(e)}
+                result[f"int{bits}_g{group}" + (f"_head{head}" if head else "")] = {"error": str(e)}
                 continue
             qmodel, _ = load_run(out)
             kernels = {r["shape"]: r["kernel"] for r in choose_kernels(qmodel, args.kernels)}
             ppl = perplexity(qmodel, tokens, args.windows)
-            result[f"int{bits}" + (f"_g{group}" if group else "")] = {
+            result[f"int{bits}" + (f"_g{group}" if group else "") + (f"_head{head}" if head else "")] = {
                 "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base_ppl - 1), 2),
                 "disk_mb": round(report["disk_bytes_out"] / 2**20, 2),
                 "linear_mb": round(report["linear_bytes_quantized"] / 2**20, 2),

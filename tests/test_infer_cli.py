@@ -92,6 +92,11 @@ def test_quantize_cli_then_generate(run_dir, tmp_path, capsys):
     assert report["bits"] == 4 and report["linear_fraction"] <= 0.2
     assert main(["generate", "--run", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["finish_reason"] in ("stop", "length")
+    assert report["module_bits"] == {"lm_head": 8}  # the tiny preset's untied head stays at int8 by default
+    assert main(["quantize", "--run", str(run_dir), "--bits", "4", "--group-size", "32", "--head-bits", "4",
+                 "--out", str(tmp_path / "q4all")]) == 0
+    all4 = json.loads(capsys.readouterr().out)
+    assert all4["module_bits"] == {} and all4["linear_bytes_quantized"] < report["linear_bytes_quantized"]
 
 
 def test_render_chat_template_and_mask(run_dir):

@@ -121,6 +121,8 @@ def test_bad_quantization_settings():
         quantize_model(_model(), 3)
     with pytest.raises(ValueError, match="group-size"):
         quantize_model(_model(), 4, group_size=48)
+    with pytest.raises(ValueError, match="--head-bits 6: expected 8 or 4"):
+        quantize_model(_model(), 4, head_bits=6)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,35 @@ def test_quantized_run_dir_loads_transparently(run_dir, tmp_path, bits):
         quantize_run(out, tmp_path / "again", 8)
     with pytest.raises(ValueError, match="input run directory"):
         quantize_run(run_dir, run_dir, 8)
+
+
+def test_an_int4_run_keeps_its_untied_head_at_8_bits_unless_asked(run_dir, tmp_path):
+    fp32, _ = load_run(run_dir)
+    idx = torch.randint(0, fp32.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = fp32(idx)[0]
+    errors = {}
+    for head_bits in (None, 4):
+        out = tmp_path / f"q4_head{head_bits}"
+        report = quantize_run(run_dir, out, 4, group_size=64, head_bits=head_bits)
+        record = json.loads((out / "quantization.json").read_text())
+        qmodel, _ = load_run(out)
+        bits = {name: m.bits for name, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
+        assert bits.pop("lm_head") == (8 if head_bits is None else 4)
+        assert set(bits.values()) == {4}  # every other layer stays at int4
+        assert record.get("module_bits", {}) == ({"lm_head": 8} if head_bits is None else {})
+        assert report["module_bits"] == record.get("module_bits", {})
+        with torch.no_grad():  # the file holds exactly what quantize_model makes with the same widths
+            assert torch.equal(qmodel(idx)[0], quantize_model(load_run(run_dir)[0], 4, 64, head_bits=head_bits)(idx)[0])
+            errors[head_bits] = float((qmodel(idx)[0] - ref).norm() / ref.norm())
+    assert errors[None] < errors[4]  # the int8 head is closer to the float model
+
+
+def test_a_quantization_record_with_bad_module_bits_is_refused(run_dir, tmp_path):
+    out = tmp_path / "q4"
+    quantize_run(run_dir, out, 4, group_size=64)
+    record = json.loads((out / "quantization.json").read_text())
+    record["module_bits"] = {"lm_head": 6}
+    (out / "quantization.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="module_bits must map"):
+        load_run(out)

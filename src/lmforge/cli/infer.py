@@ -175,7 +175,7 @@ def _fit_history(tok, system, history, budget: int) -> list[int]:
 
 # ---- quantize ----
 def cmd_quantize(args) -> int:
-    report = quantize_run(args.run, args.out, args.bits, args.group_size, search=not args.rtn)
+    report = quantize_run(args.run, args.out, args.bits, args.group_size, search=not args.rtn, head_bits=args.head_bits)
     print(json.dumps(report))
     return 0
 
@@ -210,5 +210,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output run directory")
     p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="8: per output channel; 4: group-wise, two per byte")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64 or 128)")
+    p.add_argument("--head-bits", type=int, choices=(8, 4), default=None,
+                   help="bits of an untied output head (default: 8 with --bits 4, the head's error reaching every logit; "
+                        "a tied head stays float)")
     p.add_argument("--rtn", action="store_true", help="int4: plain round-to-nearest over each group's [min, max] "
                    "(default: each group's range searched for the least squared error; about 0.1-0.2 s per million weights)")

@@ -251,19 +251,31 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
 
 
-def quantize_model(model: nn.Module, bits: int, group_size: int = 64, search: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, search: bool = True,
+                   head_bits: int | None = None) -> nn.Module:
     """Replace every quantizable Linear by a QuantLinear, in place; returns the model.
-    search (int4): each group's range by least squared error (`quantize_int4`); False: round to nearest."""
-    if bits not in (4, 8):
-        raise ValueError(f"--bits {bits}: expected 8 or 4")
-    if bits == 4 and group_size not in GROUP_SIZES:
+    search (int4): each group's range by least squared error (`quantize_int4`); False: round to nearest.
+    head_bits: the bits of an untied output head. None (the default): 8 in an int4 model, since the
+    head is the one layer whose error reaches every logit directly (llama.cpp's 4-bit types keep it
+    at 6 bits); `bits` otherwise. The record's "module_bits" lists the modules with their own width."""
+    head_bits = (8 if bits == 4 else bits) if head_bits is None else head_bits
+    for flag, b in (("--bits", bits), ("--head-bits", head_bits)):
+        if b not in (4, 8):
+            raise ValueError(f"{flag} {b}: expected 8 or 4")
+    if 4 in (bits, head_bits) and group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size {group_size}: expected one of {GROUP_SIZES}")
+    module_bits = {}
     for name in quantizable_linears(model):
-        _set_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size, search))
+        b = head_bits if name == "lm_head" else bits
+        if b != bits:
+            module_bits[name] = b
+        _set_module(model, name, QuantLinear.from_linear(model.get_submodule(name), b, group_size, search))
     scheme = ("int8 symmetric per output channel" if bits == 8 else
               "int4 asymmetric group-wise, two per byte" + (", range by least squared error" if search else ", round to nearest"))
-    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None, "scheme": scheme,
-                          "modules": quantizable_linears_of(model)}
+    if module_bits:
+        scheme += "; " + ", ".join(f"{name} int{b}" for name, b in module_bits.items())
+    model.quantization = {"bits": bits, "group_size": group_size if 4 in (bits, head_bits) else None, "scheme": scheme,
+                          "modules": quantizable_linears_of(model), **({"module_bits": module_bits} if module_bits else {})}
     return model
 
 
@@ -299,9 +311,11 @@ def read_quant_record(run_dir: Path) -> dict:
     return record
 
 
-def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 64, search: bool = True) -> dict:
+def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size: int = 64, search: bool = True,
+                 head_bits: int | None = None) -> dict:
     """Read a run directory, quantize its Linear layers and write a quantized run directory
-    (atomically). Returns a report: sizes on disk and of the Linear weights in memory."""
+    (atomically). Returns a report: sizes on disk and of the Linear weights in memory.
+    head_bits: an untied head's own width (`quantize_model`; None: 8 in an int4 run)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise ValueError(f"--out {out_dir} is the input run directory; choose a new directory")
@@ -313,7 +327,7 @@ def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size
         raise FileNotFoundError(2, "tokenizer.json missing in run directory (is it a finished run?)", str(run_dir / "tokenizer.json"))
     model = load_pretrained(run_dir).float()
     fp32_linear = linear_weight_bytes(model)[1]
-    quantize_model(model, bits, group_size, search)
+    quantize_model(model, bits, group_size, search, head_bits)
     q_linear = linear_weight_bytes(model)[0]
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
@@ -327,6 +341,7 @@ def quantize_run(run_dir: str | Path, out_dir: str | Path, bits: int, group_size
     return {
         "bits": bits,
         "group_size": record["group_size"],
+        "module_bits": record.get("module_bits", {}),
         "modules": len(record["modules"]),
         "disk_bytes_in": (run_dir / "model.safetensors").stat().st_size,
         "disk_bytes_out": (out_dir / "model.safetensors").stat().st_size,
@@ -342,6 +357,9 @@ def load_quantized(run_dir: str | Path, device="cpu", dtype: torch.dtype | None 
     run_dir = Path(run_dir)
     record = read_quant_record(run_dir)
     bits, group_size, modules = record["bits"], record.get("group_size") or 64, record["modules"]
+    module_bits = record.get("module_bits") or {}
+    if not isinstance(module_bits, dict) or any(b not in (4, 8) or m not in modules for m, b in module_bits.items()):
+        raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: module_bits must map quantized module names to 8 or 4, got {module_bits!r}")
     config = ModelConfig.load(run_dir / "config.json")
     weights = run_dir / "model.safetensors"
     try:
@@ -355,7 +373,8 @@ def load_quantized(run_dir: str | Path, device="cpu", dtype: torch.dtype | None 
                 lin = model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"{run_dir / QUANT_CONFIG_NAME}: module {name!r} is not in the model") from None
-            _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None))
+            _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, module_bits.get(name, bits), group_size,
+                                                 bias=lin.bias is not None))
 
     model = model_from_state_dict(config, tensors, f"{weights} (with {QUANT_CONFIG_NAME})", device, prepare=quantized_layers)
     if dtype is not None:  # activations, norms and embeddings; quantized weights keep their dtype
