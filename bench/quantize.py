@@ -102,16 +102,17 @@ def main() -> None:
                        "linear_mb": round(linear_weight_bytes(model)[0] / 2**20, 2), "model_mb": model_mb(model), "decode_tok_s": round(decode_tok_s(model, tok, prompt), 1)}}
     with tempfile.TemporaryDirectory() as tmp:
         for bits, group, head in ((8, None, None), (4, 32, None), (4, 64, None), (4, 128, None), (4, 64, 4)):
-            out = Path(tmp) / f"q{bits}_{group}_{head}"
+            key = f"int{bits}" + (f"_g{group}" if group else "") + (f"_head{head}" if head else "")
+            out = Path(tmp) / key
             try:
                 report = quantize_run(args.run, out, bits, group or 64, head_bits=head)
             except ValueError as e:  # e.g. a width that is not a multiple of the group size
-                result[f"int{bits}_g{group}" + (f"_head{head}" if head else "")] = {"error": str(e)}
+                result[key] = {"error": str(e)}
                 continue
             qmodel, _ = load_run(out)
             kernels = {r["shape"]: r["kernel"] for r in choose_kernels(qmodel, args.kernels)}
             ppl = perplexity(qmodel, tokens, args.windows)
-            result[f"int{bits}" + (f"_g{group}" if group else "") + (f"_head{head}" if head else "")] = {
+            result[key] = {
                 "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base_ppl - 1), 2),
                 "disk_mb": round(report["disk_bytes_out"] / 2**20, 2),
                 "linear_mb": round(report["linear_bytes_quantized"] / 2**20, 2),
